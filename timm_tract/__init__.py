@@ -1,0 +1,9 @@
+""" timm-tract: TrAct (Petersen et al., NeurIPS 2024, arXiv:2410.23970) for timm models. """
+from .version import __version__
+from .layers import TrActConv2d, TrActLinear, apply_tract, remove_tract, is_tract_layer, find_first_layer
+from . import functional
+
+__all__ = [
+    '__version__', 'TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer',
+    'functional',
+]

@@ -1,0 +1,329 @@
+""" TrAct functional core: the one autograd op, the patch Gram matrix and the solve.
+
+TrAct (Petersen, Borgelt, Ermon, "TrAct: Making First-layer Pre-Activations Trainable",
+NeurIPS 2024, arXiv:2410.23970) replaces the weight gradient of a vision model's first layer by
+
+    grad_W = Gᵀ X (XᵀX / N + λ I_n)⁻¹
+
+with X (N, n) the unfolded input patches (one row per output position of every image, n = C_in/groups·kh·kw),
+G (N, m) the ordinary gradient w.r.t. the layer output and λ > 0. Forward, bias gradient and input gradient
+are the ordinary ones.
+
+Implementation: the layer's forward is the native `F.conv2d` / `F.linear`, called with the weight passed through
+`_TrActWeightGrad`, an identity in forward whose backward receives the ordinary weight gradient P = GᵀX (computed by
+the native kernel) and returns P (XᵀX/N + λI)⁻¹. XᵀX is accumulated in bounded chunks from the input the
+layer saves anyway (never the whole unfolded input), and the system is solved with a Cholesky factorization
+(float32, float64 for float64 inputs). For N < n the equivalent Woodbury form solves an N×N system instead.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ['tract_conv2d', 'tract_linear', 'patch_gram', 'tract_precondition', 'DEFAULT_LAMBDA']
+
+DEFAULT_LAMBDA = 0.1
+
+# Budget of one unfolded chunk in elements (fp32: 2 MiB), so the extra memory of the Gram is fixed, whatever the batch.
+_CHUNK_ELEMENTS = 1 << 19
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(v: _IntPair) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def check_lambda(tract_lambda: float) -> float:
+    """Return `tract_lambda` as float; raise ValueError unless it is finite and > 0."""
+    if isinstance(tract_lambda, bool) or not isinstance(tract_lambda, (int, float)):
+        raise TypeError(f'tract_lambda must be a positive float, got {type(tract_lambda).__name__} {tract_lambda!r}.')
+    if not math.isfinite(tract_lambda) or tract_lambda <= 0:
+        raise ValueError(
+            f'tract_lambda must be finite and > 0, got {tract_lambda!r}. '
+            f'Use the paper default 0.1 (0.05 for short runs, 0.2 for long runs).')
+    return float(tract_lambda)
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """How a conv layer cuts its input into patches: explicit (left, right, top, bottom) padding, padding mode."""
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    dilation: Tuple[int, int]
+    pad: Tuple[int, int, int, int]
+    padding_mode: str
+    groups: int
+
+
+def _conv_pad(
+        padding: Union[str, _IntPair],
+        kernel_size: Tuple[int, int],
+        dilation: Tuple[int, int],
+) -> Tuple[int, int, int, int]:
+    """Explicit F.pad tuple (left, right, top, bottom) for a Conv2d `padding` (int, pair, 'same' or 'valid')."""
+    if padding == 'valid':
+        return (0, 0, 0, 0)
+    if padding == 'same':
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]  # (h, w), extra pixel right/bottom like torch
+        return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    ph, pw = _pair(padding)
+    return (pw, pw, ph, ph)
+
+
+def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _accumulate_gram(gram: torch.Tensor, cols: torch.Tensor) -> None:
+    """gram (g, n, n) += Σ cols colsᵀ for cols (b, g, n, L) (L = patches of one image)."""
+    b, g, n, length = cols.shape
+    if b == 1:
+        gram.baddbmm_(cols[0], cols[0].transpose(1, 2))
+    else:
+        gram.add_(torch.matmul(cols, cols.transpose(2, 3)).sum(0))
+
+
+def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> Tuple[torch.Tensor, int]:
+    """Patch statistics of a conv input x (B, C, H, W).
+
+    Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, or, with `keep_rows`,
+    the patch matrix X itself (groups, N, n) (only used when N < n, where it is smaller than XᵀX).
+    Computed in float32 (float64 for float64 input), one bounded chunk of images/rows at a time.
+    """
+    dtype = _gram_dtype(x.dtype)
+    batch, chans = x.shape[:2]
+    g = geom.groups
+    cg = chans // g
+    n = cg * geom.kernel_size[0] * geom.kernel_size[1]
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    pad_mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    h = x.shape[2] + geom.pad[2] + geom.pad[3]
+    w = x.shape[3] + geom.pad[0] + geom.pad[1]
+    h_out = (h - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w - dw * (kw - 1) - 1) // sw + 1
+    num_rows = batch * h_out * w_out
+    if keep_rows:
+        out = x.new_empty((g, num_rows, n), dtype=dtype)
+    else:
+        out = x.new_zeros((g, n, n), dtype=dtype)
+    if num_rows == 0:
+        return out, 0
+    # chunk = whole images while they fit the budget, else bands of output rows of one image
+    per_image = n * g * h_out * w_out
+    images_per_chunk = max(1, _CHUNK_ELEMENTS // per_image)
+    rows_per_band = h_out if per_image <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // (n * g * w_out))
+    row = 0
+    for b0 in range(0, batch, images_per_chunk):
+        xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
+        if any(geom.pad):
+            xb = F.pad(xb, geom.pad, mode=pad_mode)
+        for r0 in range(0, h_out, rows_per_band):
+            r = min(rows_per_band, h_out - r0)
+            band = xb[:, :, r0 * sh: r0 * sh + (r - 1) * sh + dh * (kh - 1) + 1]
+            cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+            cols = cols.view(cols.shape[0], g, n, -1)  # (b, g, n, L)
+            if keep_rows:
+                rows = cols.permute(1, 0, 3, 2).reshape(g, -1, n)
+                out[:, row:row + rows.shape[1]] = rows
+                row += rows.shape[1]
+            else:
+                _accumulate_gram(out, cols)
+    return out, num_rows
+
+
+def _linear_patch_stats(x: torch.Tensor, keep_rows: bool) -> Tuple[torch.Tensor, int]:
+    """As `_conv_patch_stats` for a Linear input x (..., n): rows are all leading positions; groups = 1."""
+    dtype = _gram_dtype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    num_rows, n = rows.shape
+    if keep_rows:
+        return rows.to(dtype).unsqueeze(0), num_rows
+    gram = x.new_zeros((1, n, n), dtype=dtype)
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for r0 in range(0, num_rows, step):
+        chunk = rows[r0:r0 + step].to(dtype)
+        gram[0].addmm_(chunk.T, chunk)
+    return gram, num_rows
+
+
+def patch_gram(x: torch.Tensor, geom: Optional[_ConvGeometry] = None) -> Tuple[torch.Tensor, int]:
+    """XᵀX of the unfolded input, (groups, n, n) float32/64, summed (not averaged) over the N rows; returns (XᵀX, N).
+
+    `geom` None means a Linear layer (x (..., n)); otherwise a conv input x (B, C, H, W).
+    """
+    if geom is None:
+        return _linear_patch_stats(x, keep_rows=False)
+    return _conv_patch_stats(x, geom, keep_rows=False)
+
+
+def _raise_if_not_pd(info: torch.Tensor, system: torch.Tensor) -> None:
+    """Fail loudly (not with NaN weights) when the TrAct system is not positive definite."""
+    if system.device.type == 'meta':
+        return
+    ok = (info == 0).all() & torch.isfinite(system).all()
+    msg = ('TrAct: the system XᵀX/N + λI is not positive definite (non-finite values in the first layer input or '
+           'its gradient?). Check the input batch for NaN/Inf, or raise tract_lambda.')
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise RuntimeError(msg)
+
+
+def tract_precondition(
+        grad_w: torch.Tensor,
+        stats: torch.Tensor,
+        num_rows: int,
+        tract_lambda: float,
+        rows_form: bool = False,
+) -> torch.Tensor:
+    """Apply (XᵀX/N + λI)⁻¹ from the right to an ordinary weight gradient.
+
+    Args:
+        grad_w: ordinary gradient GᵀX, (m, n) viewed per group as (groups, m/groups, n); any float dtype.
+        stats: XᵀX (groups, n, n) summed over rows, or with `rows_form` the rows X (groups, N, n) (Woodbury, N < n).
+        num_rows: N, the number of patch rows.
+        tract_lambda: λ > 0.
+    Returns:
+        The TrAct gradient, shape and dtype of `grad_w`.
+    """
+    g, n = stats.shape[0], stats.shape[-1]
+    p = grad_w.reshape(g, -1, n).to(stats.dtype)  # (g, m_g, n)
+    if rows_form:
+        # P (XᵀX/N + λI)⁻¹ = (P - (P Xᵀ) (NλI + XXᵀ)⁻¹ X) / λ
+        rows = stats
+        k = torch.matmul(rows, rows.transpose(1, 2))
+        k.diagonal(dim1=1, dim2=2).add_(num_rows * tract_lambda)
+        chol, info = torch.linalg.cholesky_ex(k)
+        _raise_if_not_pd(info, k)
+        y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol)  # (g, N, m_g)
+        out = (p - torch.matmul(y.transpose(1, 2), rows)) / tract_lambda
+    else:
+        a = stats / max(num_rows, 1)
+        a.diagonal(dim1=1, dim2=2).add_(tract_lambda)
+        chol, info = torch.linalg.cholesky_ex(a)
+        _raise_if_not_pd(info, a)
+        out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
+    return out.reshape(grad_w.shape).to(grad_w.dtype)
+
+
+def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, int]:
+    """All-reduce XᵀX and N over the default process group (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return gram, num_rows
+    count = torch.tensor([float(num_rows)], dtype=gram.dtype, device=gram.device)
+    flat = torch.cat([gram.reshape(-1), count])
+    dist.all_reduce(flat)
+    return flat[:-1].view_as(gram), int(round(flat[-1].item()))
+
+
+class _TrActWeightGrad(torch.autograd.Function):
+    """Identity on the weight in forward; in backward turns the ordinary weight gradient into the TrAct gradient.
+
+    The patch statistics come from `x` (the layer input, detached) at backward time, so nothing beyond what the layer
+    saves anyway is kept alive, and no work is done when no backward happens.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, x, geom, tract_lambda, sync_gram):
+        ctx.save_for_backward(x)
+        ctx.geom, ctx.tract_lambda, ctx.sync_gram = geom, tract_lambda, sync_gram
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        if grad_w is None:
+            return None, None, None, None, None
+        x, = ctx.saved_tensors
+        n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
+        num_rows = x[..., 0].numel() if ctx.geom is None else _conv_rows(x, ctx.geom)
+        rows_form = num_rows < n and not ctx.sync_gram
+        if ctx.geom is None:
+            stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
+        else:
+            stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
+        if ctx.sync_gram:
+            stats, num_rows = _sync_gram(stats, num_rows)
+        return tract_precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form), None, None, None, None
+
+
+def _conv_rows(x: torch.Tensor, geom: _ConvGeometry) -> int:
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    h = x.shape[2] + geom.pad[2] + geom.pad[3]
+    w = x.shape[3] + geom.pad[0] + geom.pad[1]
+    return x.shape[0] * ((h - dh * (kh - 1) - 1) // sh + 1) * ((w - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _tract_weight(weight: torch.Tensor, x: torch.Tensor, geom, tract_lambda: float, sync_gram: bool) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return weight
+    return _TrActWeightGrad.apply(weight, x.detach(), geom, tract_lambda, sync_gram)
+
+
+def conv_geometry(
+        weight_shape: Sequence[int],
+        in_channels: int,
+        stride: _IntPair = 1,
+        padding: Union[str, _IntPair] = 0,
+        dilation: _IntPair = 1,
+        groups: int = 1,
+        padding_mode: str = 'zeros',
+) -> _ConvGeometry:
+    kernel_size = tuple(weight_shape[2:])
+    dilation = _pair(dilation)
+    return _ConvGeometry(
+        kernel_size=kernel_size,
+        stride=_pair(stride),
+        dilation=dilation,
+        pad=_conv_pad(padding, kernel_size, dilation),
+        padding_mode=padding_mode,
+        groups=groups,
+    )
+
+
+def tract_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        stride: _IntPair = 1,
+        padding: Union[str, _IntPair] = 0,
+        dilation: _IntPair = 1,
+        groups: int = 1,
+        tract_lambda: float = DEFAULT_LAMBDA,
+        padding_mode: str = 'zeros',
+        sync_gram: bool = False,
+) -> torch.Tensor:
+    """`F.conv2d` (same arguments and output) whose weight gradient is the TrAct gradient.
+
+    Args:
+        x: input (B, C_in, H, W) (or unbatched (C_in, H, W)).
+        weight: (C_out, C_in/groups, kh, kw).
+        padding_mode: 'zeros', 'reflect', 'replicate' or 'circular' as in nn.Conv2d (non-zero modes pad explicitly).
+        sync_gram: all-reduce XᵀX and N over the default process group (global-batch TrAct under DDP).
+    Returns:
+        (B, C_out, H_out, W_out), bit-identical to the plain convolution.
+    """
+    tract_lambda = check_lambda(tract_lambda)
+    if x.dim() == 3:
+        return tract_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, tract_lambda,
+                            padding_mode, sync_gram).squeeze(0)
+    geom = conv_geometry(weight.shape, x.shape[1], stride, padding, dilation, groups, padding_mode)
+    w = _tract_weight(weight, x, geom, tract_lambda, sync_gram)
+    if padding_mode != 'zeros':
+        return F.conv2d(F.pad(x, geom.pad, mode=padding_mode), w, bias, stride, 0, dilation, groups)
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+def tract_linear(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        tract_lambda: float = DEFAULT_LAMBDA,
+        sync_gram: bool = False,
+) -> torch.Tensor:
+    """`F.linear` (x (..., n) → (..., m)) whose weight gradient is the TrAct gradient (rows = all leading positions)."""
+    tract_lambda = check_lambda(tract_lambda)
+    return F.linear(x, _tract_weight(weight, x, None, tract_lambda, sync_gram), bias)

@@ -1,0 +1,192 @@
+""" TrAct layers: Conv2d / Linear that train with the TrAct first-layer gradient, and `apply_tract`.
+
+Paper: "TrAct: Making First-layer Pre-Activations Trainable", Petersen, Borgelt, Ermon, NeurIPS 2024,
+https://arxiv.org/abs/2410.23970
+
+Each layer is its torch base class with one change: the weight gradient is Gᵀ X (XᵀX/N + λI)⁻¹ instead of GᵀX
+(see `timm_tract.functional`). Forward, state dict, bias and input gradients are those of the base class, so TrAct
+weights are plain timm weights. TorchScript: a scripted TrAct layer computes the plain forward and trains with
+the ordinary gradient (the TrAct backward is a Python autograd Function that TorchScript cannot save).
+"""
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import register_notrace_module
+
+from .functional import DEFAULT_LAMBDA, _ConvGeometry, _tract_weight, check_lambda
+
+__all__ = ['TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer']
+
+
+@register_notrace_module
+class TrActConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight gradient is the TrAct gradient (every nn.Conv2d option; N = B·H_out·W_out rows)."""
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, Tuple[int, int]],
+            stride: Union[int, Tuple[int, int]] = 1,
+            padding: Union[str, int, Tuple[int, int]] = 0,
+            dilation: Union[int, Tuple[int, int]] = 1,
+            groups: int = 1,
+            bias: bool = True,
+            padding_mode: str = 'zeros',
+            device=None,
+            dtype=None,
+            *,
+            tract_lambda: float = DEFAULT_LAMBDA,
+            sync_gram: bool = False,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.tract_lambda = check_lambda(tract_lambda)
+        self.sync_gram = bool(sync_gram)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, self._tract_weight(x), self.bias)
+
+    @torch.jit.unused
+    def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
+        geom = _ConvGeometry(
+            kernel_size=tuple(self.kernel_size),
+            stride=tuple(self.stride),
+            dilation=tuple(self.dilation),
+            pad=tuple(self._reversed_padding_repeated_twice),  # what nn.Conv2d pads (left, right, top, bottom)
+            padding_mode=self.padding_mode,
+            groups=self.groups,
+        )
+        x4 = x.unsqueeze(0) if x.dim() == 3 else x
+        return _tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
+
+
+@register_notrace_module
+class TrActLinear(nn.Linear):
+    """nn.Linear whose weight gradient is the TrAct gradient; input (..., in_features), N = all leading positions."""
+
+    def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            device=None,
+            dtype=None,
+            *,
+            tract_lambda: float = DEFAULT_LAMBDA,
+            sync_gram: bool = False,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.tract_lambda = check_lambda(tract_lambda)
+        self.sync_gram = bool(sync_gram)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x, self._tract_weight(x), self.bias)
+
+    @torch.jit.unused
+    def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
+        return _tract_weight(self.weight, x, None, self.tract_lambda, self.sync_gram)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
+
+
+_TRACT_CLASS = {nn.Conv2d: TrActConv2d, nn.Linear: TrActLinear}
+_BASE_CLASS = {v: k for k, v in _TRACT_CLASS.items()}
+
+
+def is_tract_layer(module: nn.Module) -> bool:
+    """True for a TrActConv2d / TrActLinear."""
+    return isinstance(module, (TrActConv2d, TrActLinear))
+
+
+def _first_conv_names(model: nn.Module) -> Tuple[str, ...]:
+    """timm's record of the stem (`first_conv`: model traits, else pretrained_cfg; str or tuple), else ()."""
+    traits = getattr(model, '_traits', None) or {}
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    names = traits.get('first_conv') or cfg.get('first_conv')
+    if not names:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _named_first_layers(model: nn.Module, layer: Optional[Union[str, Tuple[str, ...]]]) -> Iterator[Tuple[str, nn.Module]]:
+    if layer is None:
+        names = _first_conv_names(model)
+        if not names:
+            for name, module in model.named_modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    yield name, module
+                    return
+            raise ValueError(
+                f'{type(model).__name__} has no `first_conv` in its pretrained_cfg and no nn.Conv2d/nn.Linear layer; '
+                f'pass layer="<module path>" to apply_tract.')
+    else:
+        names = (layer,) if isinstance(layer, str) else tuple(layer)
+    for name in names:
+        name = name[:-len('.weight')] if name.endswith('.weight') else name
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f'Layer "{name}" does not exist in {type(model).__name__}; pass layer="<module path>" naming one of '
+                f'its nn.Conv2d/nn.Linear modules (see model.named_modules()).') from None
+        yield name, module
+
+
+def find_first_layer(model: nn.Module) -> Tuple[str, ...]:
+    """Module path(s) `apply_tract` converts by default: timm's `first_conv` (tuple-aware) or the first Conv2d/Linear
+    in module order."""
+    return tuple(name for name, _ in _named_first_layers(model, None))
+
+
+def apply_tract(
+        model: nn.Module,
+        tract_lambda: float = DEFAULT_LAMBDA,
+        layer: Optional[Union[str, Tuple[str, ...]]] = None,
+        sync_gram: bool = False,
+) -> nn.Module:
+    """Make the model's first layer a TrAct layer, in place; returns the model.
+
+    Args:
+        model: any nn.Module (timm models record their stem in `pretrained_cfg['first_conv']`).
+        tract_lambda: λ > 0 (paper: 0.1 default, 0.05 short runs, 0.2 long runs, for inputs standardized to mean 0 / std 1).
+        layer: module path (or tuple of paths) to convert; default timm's `first_conv`, else the first
+            nn.Conv2d / nn.Linear in module order.
+        sync_gram: under DDP, all-reduce XᵀX and N so every rank uses the global-batch statistics.
+
+    The module object, its Parameters (an optimizer built before keeps working), hooks, device and dtype are kept:
+    only its class changes to TrActConv2d / TrActLinear. A layer that is already TrAct gets the new λ.
+    """
+    tract_lambda = check_lambda(tract_lambda)
+    for name, module in _named_first_layers(model, layer):
+        if is_tract_layer(module):
+            pass
+        elif type(module) in _TRACT_CLASS:
+            module.__class__ = _TRACT_CLASS[type(module)]
+        else:
+            raise TypeError(
+                f'TrAct covers nn.Conv2d and nn.Linear layers, but "{name}" is {type(module).__module__}.'
+                f'{type(module).__name__} (a subclass with its own forward, or another layer type). '
+                f'Pass layer="<module path>" naming a plain nn.Conv2d/nn.Linear, or use TrActConv2d/TrActLinear directly.')
+        module.tract_lambda = tract_lambda
+        module.sync_gram = bool(sync_gram)
+    return model
+
+
+def remove_tract(model: nn.Module) -> nn.Module:
+    """Turn every TrAct layer of the model back into its plain nn.Conv2d / nn.Linear, in place; returns the model."""
+    for module in model.modules():
+        if type(module) in _BASE_CLASS:
+            module.__class__ = _BASE_CLASS[type(module)]
+            del module.tract_lambda, module.sync_gram
+    return model
