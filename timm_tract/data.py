@@ -1,0 +1,196 @@
+""" Embedded default data set: real handwritten digits on real photographs, 32×32 RGB, as an ImageFolder.
+
+No data set can be downloaded everywhere, so this one is built from pixels that installed packages ship:
+
+* the label is one of scikit-learn's 1,797 handwritten digit scans (`sklearn.datasets.load_digits`, 8×8, 10 classes,
+  ≈180 scans per class),
+* the background is a random crop of one of scikit-image's bundled sample photographs (`skimage.data`),
+* each image then gets its own exposure: contrast ×[0.15, 1] (log-uniform) and a brightness offset that keeps the
+  pixels in range, so, like real photographs, images differ widely in contrast and brightness (the condition under
+  which plain first-layer gradients are poorly scaled and TrAct helps).
+
+Every digit scan is rendered exactly once; the scans are split per class (stratified, seeded) into train and
+validation, so no scan appears in both. The result is written once as `train/<digit>/<scan>.png` and
+`validation/<digit>/<scan>.png` plus a `timm_tract_data.json` manifest (counts per class, channel mean/std) into a
+cache directory, where every timm tool (train.py `--data-dir`, `create_dataset`) reads it.
+
+Location: `$TIMM_TRACT_DATA` if set, else `$XDG_CACHE_HOME/timm-tract/<name>` (`~/.cache/timm-tract/<name>`).
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+__all__ = ['DATASET_NAME', 'default_data_dir', 'ensure_data', 'build_data', 'read_manifest']
+
+DATASET_NAME = 'digits-on-photos-v1'
+MANIFEST = 'timm_tract_data.json'
+IMG_SIZE = 32
+SEED = 0
+VAL_FRACTION = 0.2
+SPLITS = ('train', 'validation')
+
+# scikit-image sample photographs shipped inside its wheel (no download): real scenes, textures, micrographs
+_PHOTOS = (
+    'astronaut', 'camera', 'coffee', 'chelsea', 'rocket', 'coins', 'moon', 'clock', 'hubble_deep_field',
+    'immunohistochemistry', 'retina', 'grass', 'gravel', 'brick',
+)
+_CONTRAST_RANGE = (0.15, 1.0)  # log-uniform exposure contrast factor
+_CROP_RANGE = (40, 160)  # side of the square background crop in source pixels, before resizing to 32
+_DIGIT_RANGE = (18, 28)  # side of the rendered digit in output pixels
+
+
+def default_data_dir() -> Path:
+    """Where the embedded data set lives: `$TIMM_TRACT_DATA`, else the user cache directory."""
+    env = os.environ.get('TIMM_TRACT_DATA')
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(cache) / 'timm-tract' / DATASET_NAME
+
+
+def read_manifest(root: Union[str, Path]) -> Optional[dict]:
+    """The manifest of an embedded data set at `root`, or None if `root` holds no complete one."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get('name') == DATASET_NAME else None
+
+
+def ensure_data(root: Optional[Union[str, Path]] = None) -> Path:
+    """Path of the embedded data set, building it first if it is not there yet (≈10 s, ≈4 MB)."""
+    root = Path(root) if root is not None else default_data_dir()
+    if read_manifest(root) is None:
+        build_data(root)
+    return root
+
+
+def build_data(root: Union[str, Path], overwrite: bool = False) -> dict:
+    """Render the data set into `root` (atomically: a temporary sibling directory renamed into place).
+
+    Refuses to touch an existing `root` that is not an embedded data set (a user directory), and rebuilds an
+    existing embedded data set only with `overwrite=True`. Returns the manifest.
+    """
+    root = Path(root)
+    if root.exists():
+        if read_manifest(root) is None and (not root.is_dir() or any(root.iterdir())):
+            raise FileExistsError(
+                f'{root} exists and is not a timm-tract embedded data set; refusing to write into it. '
+                f'Point TIMM_TRACT_DATA (or --root) at a new or empty directory.')
+        if read_manifest(root) is not None and not overwrite:
+            raise FileExistsError(f'{root} already holds the embedded data set; pass overwrite=True to rebuild it.')
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+    try:
+        manifest = _render_into(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _render_into(out: Path) -> dict:
+    from PIL import Image
+
+    digits, labels = _load_digits()
+    photos = _load_photos()
+    split = _split_indices(labels)
+    rng = np.random.default_rng(SEED)
+    counts: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
+    moments = np.zeros((2, 3))  # running sum and sum of squares of train pixels per channel (in [0, 1])
+    for index in range(len(labels)):  # render in scan order so every image depends only on the seed
+        img = _render_one(digits[index], photos, rng)
+        split_name, cls = split[index], str(int(labels[index]))
+        folder = out / split_name / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f'{index:04d}.png', optimize=False)
+        counts[split_name][cls] = counts[split_name].get(cls, 0) + 1
+        if split_name == 'train':
+            pix = img.reshape(-1, 3).astype(np.float64) / 255.
+            moments += np.stack([pix.mean(0), (pix ** 2).mean(0)])
+    n_train = sum(counts['train'].values())
+    mean = moments[0] / n_train
+    std = np.sqrt(moments[1] / n_train - mean ** 2)
+    manifest = {
+        'name': DATASET_NAME,
+        'img_size': IMG_SIZE,
+        'num_classes': len(counts['train']),
+        'seed': SEED,
+        'val_fraction': VAL_FRACTION,
+        'counts': {s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in counts.items()},
+        'mean': [round(float(m), 4) for m in mean],
+        'std': [round(float(s), 4) for s in std],
+        'sources': {
+            'digits': 'sklearn.datasets.load_digits (1,797 scans, 8x8, 17 grey levels)',
+            'backgrounds': 'skimage.data: ' + ', '.join(_PHOTOS),
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+    return manifest
+
+
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32) / 16., bunch.target.astype(np.int64)  # (1797, 8, 8) in [0, 1], (1797,)
+
+
+def _load_photos() -> List[np.ndarray]:
+    import skimage.data
+
+    photos = []
+    for name in _PHOTOS:
+        img = getattr(skimage.data, name)()
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        photos.append(np.ascontiguousarray(img[..., :3]).astype(np.uint8))  # (H, W, 3) uint8
+    return photos
+
+
+def _split_indices(labels: np.ndarray) -> List[str]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    _, val_idx = train_test_split(idx, test_size=VAL_FRACTION, stratify=labels, random_state=SEED)
+    val = set(val_idx.tolist())
+    return ['validation' if i in val else 'train' for i in idx]
+
+
+def _render_one(digit: np.ndarray, photos: List[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One 32×32×3 uint8 image: a digit scan (8×8 in [0, 1]) inked over a photo crop, then re-exposed."""
+    from PIL import Image
+
+    photo = photos[rng.integers(len(photos))]
+    side = int(rng.integers(_CROP_RANGE[0], min(_CROP_RANGE[1], *photo.shape[:2]) + 1))
+    top = int(rng.integers(photo.shape[0] - side + 1))
+    left = int(rng.integers(photo.shape[1] - side + 1))
+    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((IMG_SIZE, IMG_SIZE), Image.BILINEAR)
+    bg = np.asarray(crop, dtype=np.float32) / 255.
+    if rng.random() < 0.5:
+        bg = bg[:, ::-1]
+
+    size = int(rng.integers(_DIGIT_RANGE[0], _DIGIT_RANGE[1] + 1))
+    glyph = Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    alpha = np.zeros((IMG_SIZE, IMG_SIZE), np.float32)
+    y, x = (int(v) for v in rng.integers(0, IMG_SIZE - size + 1, size=2))
+    alpha[y:y + size, x:x + size] = np.asarray(glyph, dtype=np.float32) / 255. * rng.uniform(0.7, 1.0)
+    # ink contrasts with the background: the complement of its mean colour, jittered
+    ink = np.clip(1. - bg.mean((0, 1)) + rng.normal(0., 0.15, size=3), 0., 1.).astype(np.float32)
+    img = bg * (1. - alpha[..., None]) + ink * alpha[..., None]
+
+    contrast = float(np.exp(rng.uniform(*np.log(_CONTRAST_RANGE))))
+    brightness = float(rng.uniform(0., 1. - contrast))
+    img = img * contrast + brightness
+    return np.clip(np.rint(img * 255.), 0, 255).astype(np.uint8)
