@@ -15,6 +15,7 @@ the native kernel) and returns P (XᵀX/N + λI)⁻¹. XᵀX is accumulated in b
 layer saves anyway (never the whole unfolded input), and the system is solved with a Cholesky factorization
 (float32, float64 for float64 inputs). For N < n the equivalent Woodbury form solves an N×N system instead.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -90,11 +91,11 @@ def _accumulate_gram(gram: torch.Tensor, cols: torch.Tensor) -> None:
 def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> Tuple[torch.Tensor, int]:
     """Patch statistics of a conv input x (B, C, H, W).
 
-    Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, or, with `keep_rows`,
-    the patch matrix X itself (groups, N, n) (only used when N < n, where it is smaller than XᵀX).
-    Computed in float32 (float64 for float64 input), one bounded chunk of images/rows at a time.
+    Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, in float32 (float64 for
+    float64 input), accumulated one bounded chunk of images/rows at a time; or, with `keep_rows`, the patch matrix X
+    itself (groups, N, n) in float64 (only used when N < n: smaller than XᵀX, and its N×N system is solved in float64).
     """
-    dtype = _gram_dtype(x.dtype)
+    dtype = torch.float64 if keep_rows else _gram_dtype(x.dtype)
     batch, chans = x.shape[:2]
     g = geom.groups
     cg = chans // g
@@ -141,7 +142,7 @@ def _linear_patch_stats(x: torch.Tensor, keep_rows: bool) -> Tuple[torch.Tensor,
     rows = x.reshape(-1, x.shape[-1])
     num_rows, n = rows.shape
     if keep_rows:
-        return rows.to(dtype).unsqueeze(0), num_rows
+        return rows.to(torch.float64).unsqueeze(0), num_rows
     gram = x.new_zeros((1, n, n), dtype=dtype)
     step = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for r0 in range(0, num_rows, step):
@@ -220,6 +221,12 @@ def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, int]:
     return flat[:-1].view_as(gram), int(round(flat[-1].item()))
 
 
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _TrActWeightGrad(torch.autograd.Function):
     """Identity on the weight in forward; in backward turns the ordinary weight gradient into the TrAct gradient.
 
@@ -241,13 +248,15 @@ class _TrActWeightGrad(torch.autograd.Function):
         n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
         num_rows = x[..., 0].numel() if ctx.geom is None else _conv_rows(x, ctx.geom)
         rows_form = num_rows < n and not ctx.sync_gram
-        if ctx.geom is None:
-            stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
-        else:
-            stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
-        if ctx.sync_gram:
-            stats, num_rows = _sync_gram(stats, num_rows)
-        return tract_precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form), None, None, None, None
+        with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
+            if ctx.geom is None:
+                stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
+            else:
+                stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
+            if ctx.sync_gram:
+                stats, num_rows = _sync_gram(stats, num_rows)
+            grad = tract_precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form)
+        return grad, None, None, None, None
 
 
 def _conv_rows(x: torch.Tensor, geom: _ConvGeometry) -> int:

@@ -1,0 +1,217 @@
+""" TrAct layers in models: apply_tract/remove_tract, AMP, channels_last, compile, FX, checkpointing, meta device. """
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.layers import StdConv2d, create_feature_extractor
+
+from timm_tract import TrActConv2d, TrActLinear, apply_tract, find_first_layer, is_tract_layer, remove_tract
+from timm_tract import functional as TF
+
+
+def _small_net(tract=True):
+    conv = (TrActConv2d if tract else nn.Conv2d)(3, 8, 3, stride=2, padding=1)
+    return nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _first_grad(model, x, first=None):
+    model.zero_grad()
+    model(x).float().square().mean().backward()
+    return (first or model[0]).weight.grad.clone()
+
+
+@pytest.mark.parametrize('arch,expected', [
+    ('resnet18', 'conv1'), ('resnet50d', 'conv1.0'), ('convnext_atto', 'stem.0'),
+    ('vit_tiny_patch16_224', 'patch_embed.proj'),
+])
+def test_apply_tract_finds_timm_first_conv(arch, expected):
+    model = timm.create_model(arch, num_classes=3)
+    params_before = {name: p for name, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    assert apply_tract(model, tract_lambda=0.05) is model
+    layer = model.get_submodule(expected)
+    assert isinstance(layer, TrActConv2d) and layer.tract_lambda == 0.05
+    assert sum(is_tract_layer(m) for m in model.modules()) == 1
+    assert find_first_layer(model) == (expected,)
+    assert {name: p for name, p in model.named_parameters()} == params_before  # same Parameter objects
+    assert all(params_before[n] is p for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys_before
+    remove_tract(model)
+    assert type(model.get_submodule(expected)) is nn.Conv2d
+    assert not hasattr(model.get_submodule(expected), 'tract_lambda')
+
+
+def test_optimizer_built_before_apply_keeps_working():
+    torch.manual_seed(0)
+    model = _small_net(tract=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    apply_tract(model)
+    x = torch.randn(4, 3, 8, 8)
+    before = model[0].weight.detach().clone()
+    tract_grad = _first_grad(model, x)
+    opt.step()
+    assert torch.allclose(model[0].weight, before - 0.1 * tract_grad)
+
+
+def test_apply_twice_does_not_double_wrap_and_updates_lambda():
+    model = _small_net(tract=False)
+    apply_tract(model, 0.1)
+    apply_tract(model, 0.2)
+    assert type(model[0]) is TrActConv2d and model[0].tract_lambda == 0.2
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    model.double()
+    ref = _small_net(tract=False).double()
+    ref.load_state_dict(model.state_dict())
+    g = _first_grad(model, x)
+    # one TrAct application == preconditioning the plain gradient once
+    plain = _first_grad(ref, x)
+    stats, rows = TF.patch_gram(x, TF.conv_geometry(model[0].weight.shape, 3, stride=2, padding=1))
+    assert torch.allclose(g, TF.tract_precondition(plain, stats, rows, 0.2), rtol=1e-10, atol=1e-12)
+
+
+def test_apply_tract_explicit_layer_and_linear_and_tuple():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    apply_tract(model)  # no pretrained_cfg: first Linear in module order
+    assert type(model[0]) is TrActLinear and type(model[2]) is nn.Linear
+    apply_tract(model, layer='2')
+    assert type(model[2]) is TrActLinear
+    remove_tract(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    model.pretrained_cfg = {'first_conv': ('0', '2')}
+    apply_tract(model)
+    assert type(model[0]) is TrActLinear and type(model[2]) is TrActLinear
+
+
+def test_apply_tract_errors_name_problem_and_fix():
+    model = _small_net(tract=False)
+    with pytest.raises(ValueError, match='does not exist.*layer='):
+        apply_tract(model, layer='stem.conv')
+    with pytest.raises(ValueError, match='tract_lambda'):
+        apply_tract(model, tract_lambda=0)
+    with pytest.raises(ValueError, match='tract_lambda'):
+        apply_tract(model, tract_lambda=float('nan'))
+    with pytest.raises(TypeError, match='BatchNorm2d'):
+        apply_tract(model, layer='1')
+    std = nn.Sequential(StdConv2d(3, 4, 3))
+    with pytest.raises(TypeError, match='StdConv2d.*plain nn.Conv2d'):
+        apply_tract(std)
+    with pytest.raises(ValueError, match='no `first_conv`'):
+        apply_tract(nn.Sequential(nn.ReLU()))
+    assert type(model[0]) is nn.Conv2d  # nothing changed by the failed calls
+
+
+@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])
+def test_cpu_autocast_gram_in_fp32_grad_in_param_dtype(amp_dtype):
+    """Under autocast the layer runs in the autocast dtype; the TrAct gradient is the fp32-Gram preconditioning of the
+    plain autocast gradient, in the parameter dtype."""
+    torch.manual_seed(0)
+    model, ref = _small_net(), _small_net(tract=False)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 16, 16) * 3 + 1
+    with torch.autocast('cpu', dtype=amp_dtype):
+        g = _first_grad(model, x)
+        plain = _first_grad(ref, x)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    stats, rows = TF.patch_gram(x, TF.conv_geometry(model[0].weight.shape, 3, stride=2, padding=1))
+    assert stats.dtype == torch.float32
+    assert torch.allclose(g, TF.tract_precondition(plain, stats, rows, 0.1), rtol=1e-5, atol=1e-6)
+    fp32 = _first_grad(model, x)
+    assert ((g - fp32).norm() / fp32.norm()) < 0.1  # close to the fp32 TrAct gradient at autocast precision
+
+
+def test_low_precision_parameters():
+    torch.manual_seed(0)
+    model = _small_net().bfloat16()
+    g = _first_grad(model, torch.randn(4, 3, 8, 8, dtype=torch.bfloat16))
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = _small_net()
+    x = torch.randn(4, 3, 16, 16)
+    g = _first_grad(model, x)
+    model = model.to(memory_format=torch.channels_last)
+    g_cl = _first_grad(model, x.to(memory_format=torch.channels_last))
+    assert torch.allclose(g, g_cl, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_model_matches_oracle_in_double():
+    torch.manual_seed(0)
+    model = _small_net().double()
+    x = torch.randn(3, 3, 10, 10, dtype=torch.float64)
+    g = _first_grad(model, x)
+    stats, rows = TF.patch_gram(x, TF.conv_geometry(model[0].weight.shape, 3, stride=2, padding=1))
+    assert stats.dtype == torch.float64 and g.dtype == torch.float64
+
+
+def test_torch_compile_gives_eager_gradients():
+    torch.manual_seed(0)
+    model = _small_net()
+    x = torch.randn(4, 3, 16, 16)
+    eager = _first_grad(model, x)
+    compiled = torch.compile(model)
+    model.zero_grad()
+    compiled(x).square().mean().backward()
+    assert torch.allclose(model[0].weight.grad, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_timm_fx_keeps_layer_as_leaf_with_tract_gradient():
+    torch.manual_seed(0)
+    model = _small_net()
+    x = torch.randn(4, 3, 16, 16)
+    eager = _first_grad(model, x)
+    extractor = create_feature_extractor(model, return_nodes=['5'])
+    nodes = {n.target: n.op for n in extractor.graph.nodes}
+    assert nodes.get('0') == 'call_module'  # the TrAct layer is a leaf, not traced into F.conv2d
+    model.zero_grad()
+    extractor(x)['5'].square().mean().backward()
+    assert torch.allclose(model[0].weight.grad, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_checkpointing_same_gradient():
+    torch.manual_seed(0)
+    model = _small_net()
+    x = torch.randn(4, 3, 16, 16)
+    eager = _first_grad(model, x)
+    model.zero_grad()
+    head = model[1:]
+    out = head(torch.utils.checkpoint.checkpoint(model[0], x, use_reentrant=False))
+    out.square().mean().backward()
+    assert torch.allclose(model[0].weight.grad, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_meta_device_construction_forward_backward():
+    with torch.device('meta'):
+        conv = TrActConv2d(3, 8, 3, padding='same', tract_lambda=0.2)
+        lin = TrActLinear(8, 4)
+    x = torch.empty(2, 3, 8, 8, device='meta')
+    y = lin(conv(x).mean((2, 3)))
+    y.sum().backward()
+    assert conv.weight.grad.device.type == 'meta' and conv.weight.grad.shape == conv.weight.shape
+    assert lin.weight.grad.shape == lin.weight.shape
+
+
+def test_torchscript_scripted_layer_saves_and_runs_plain_forward():
+    torch.manual_seed(0)
+    model = _small_net().eval()
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_state_dict_interchanges_with_plain_layers():
+    torch.manual_seed(0)
+    tract, plain = _small_net(), _small_net(tract=False)
+    assert list(tract.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(tract.state_dict(), strict=True)
+    tract.eval(), plain.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(tract(x), plain(x))
