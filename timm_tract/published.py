@@ -1,0 +1,56 @@
+""" Manifest of TrAct weights this project has really published to the Hugging Face Hub.
+
+`published.json` (next to this module) is a JSON list, empty until something is published; each entry is what
+`timm-tract publish` prints after a successful upload:
+
+    {"model": "resnet18_tract.tract_cifar10", "hf_hub_id": "org/resnet18_tract.tract_cifar10",
+     "num_classes": 10, "input_size": [3, 32, 32], "mean": [...], "std": [...], "crop_pct": 0.95,
+     "interpolation": "bicubic", "license": "apache-2.0"}
+
+The `*_tract` registry turns `published_cfgs()['resnet18_tract']` into extra pretrained tags
+(`resnet18_tract.tract_cifar10`), so `timm.create_model('resnet18_tract.tract_cifar10', pretrained=True)` loads them.
+Nothing here touches the network.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ['MANIFEST_PATH', 'load_manifest', 'published_cfgs']
+
+MANIFEST_PATH = Path(__file__).resolve().parent / 'published.json'
+
+_REQUIRED = ('model', 'hf_hub_id', 'num_classes')
+_CFG_KEYS = ('num_classes', 'input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation', 'license',
+             'label_names', 'notes', 'paper_ids', 'origin_url')
+
+
+def load_manifest(path: Optional[Union[str, Path]] = None) -> List[Dict[str, Any]]:
+    """Entries of the manifest, checked: each names `<arch>_tract.<tag>`, a Hub repo `org/name` and `num_classes`."""
+    path = Path(path) if path is not None else MANIFEST_PATH
+    if not path.is_file():
+        return []
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list):
+        raise ValueError(f'{path}: the published-weights manifest must be a JSON list of entries')
+    for i, entry in enumerate(entries):
+        missing = [k for k in _REQUIRED if k not in entry]
+        if missing:
+            raise ValueError(f'{path}: entry {i} lacks {missing}; copy the entry `timm-tract publish` printed')
+        arch, _, tag = entry['model'].partition('.')
+        if not arch.endswith('_tract') or not tag:
+            raise ValueError(f"{path}: entry {i} model {entry['model']!r} must be '<arch>_tract.<tag>'")
+        if entry['hf_hub_id'].count('/') != 1:
+            raise ValueError(f"{path}: entry {i} hf_hub_id {entry['hf_hub_id']!r} must be 'org/name'")
+    return entries
+
+
+def published_cfgs(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """{'<arch>_tract': {'<tag>': pretrained-cfg fields}} for every published entry (hf_hub_id, num_classes, data cfg)."""
+    cfgs: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for entry in load_manifest(path):
+        arch, _, tag = entry['model'].partition('.')
+        cfg = {k: (tuple(v) if isinstance(v, list) and k != 'label_names' else v)
+               for k, v in entry.items() if k in _CFG_KEYS}
+        cfg['hf_hub_id'] = entry['hf_hub_id']
+        cfgs.setdefault(arch, {})[tag] = cfg
+    return cfgs
