@@ -64,11 +64,69 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_publish(sub) -> None:
+    p = sub.add_parser(
+        'publish', help='publish a training run to the Hugging Face Hub (timm-loadable weights + model card)',
+        description='Turn a train.py-layout run (args.yaml, summary.csv, model_best.pth.tar, ...) into a Hub model '
+                    'repository: model.safetensors, config.json (base architecture, loads with plain timm), README.md '
+                    'model card, train_hparams.yaml, results.csv; then create the repo and upload it in one commit. '
+                    'The token comes from --token, HF_TOKEN or `hf auth login` and is never printed or written.')
+    p.add_argument('run_dir', metavar='RUN_DIR', help='training output directory')
+    p.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repository, e.g. me/resnet18_tract.tract_cifar10')
+    p.add_argument('--checkpoint', default='best', help='best (default), last, or a checkpoint file path')
+    p.add_argument('--no-ema', action='store_true', help='publish the raw weights even when the run has EMA weights')
+    p.add_argument('--dry-run', action='store_true', help='only write the repository folder (RUN_DIR/hub/NAME)')
+    p.add_argument('--output-dir', default=None, help='write the repository folder here and upload nothing')
+    p.add_argument('--license', default='apache-2.0', help='license id for the card (default apache-2.0)')
+    p.add_argument('--label-names', default=None, help='text file with one class name per line (default: from the data)')
+    p.add_argument('--dataset-id', default=None, help='Hub dataset id for the card (default: known from --dataset)')
+    p.add_argument('--dataset-name', default=None, help='data set name for the card')
+    p.add_argument('--base-model', default=None, help='Hub repo the run was fine-tuned from (default: from args)')
+    p.add_argument('--token', default=None, help='Hub token (default: HF_TOKEN or the huggingface_hub login)')
+    p.add_argument('--private', action='store_true', help='create the repository as private')
+    p.add_argument('--revision', default=None, help='branch to commit to (created if missing; default main)')
+    p.add_argument('--commit-message', default=None)
+    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing directly')
+    p.add_argument('--overwrite', action='store_true', help='replace the files of a repository that already has some')
+    p.add_argument('--retries', type=int, default=4, help='retries on network/server errors (exponential backoff)')
+    p.set_defaults(func=_run_publish)
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+    from .hub import PublishError, publish
+
+    labels = None
+    if args.label_names:
+        labels = [line.strip() for line in Path(args.label_names).read_text().splitlines() if line.strip()]
+    try:
+        result = publish(
+            args.run_dir, args.repo_id, dry_run=args.dry_run, output_dir=args.output_dir, checkpoint=args.checkpoint,
+            use_ema=not args.no_ema, license=args.license, label_names=labels, dataset_name=args.dataset_name,
+            dataset_id=args.dataset_id, base_model=args.base_model, token=args.token, private=args.private,
+            revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr,
+            overwrite=args.overwrite, retries=args.retries)
+    except PublishError as e:
+        print(f'timm-tract publish: error: {e}', file=sys.stderr)
+        return 1
+    if result.folder is not None:
+        print(result.folder)
+        print(f"load it with: timm.create_model('local-dir:{result.folder}', pretrained=True)", file=sys.stderr)
+    else:
+        print(result.pr_url or result.commit_url)
+        print(f"load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True)", file=sys.stderr)
+        print('to register it as a pretrained tag, add this entry to timm_tract/published.json:\n'
+              + json.dumps(result.manifest_entry), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-tract', description='TrAct first-layer training for timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
     _add_demo(sub)
     _add_data(sub)
+    _add_publish(sub)
     return parser
 
 

@@ -494,7 +494,6 @@ def _check_repo_id(repo_id: str) -> None:
 def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T:
     """Call `fn`, retrying network and 5xx/429 errors with exponential backoff; clear PublishError otherwise."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-    from huggingface_hub.utils import httpx
 
     for attempt in range(retries + 1):
         try:
@@ -508,7 +507,7 @@ def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T
             if isinstance(e, RepositoryNotFoundError) or status not in _RETRY_STATUS:
                 raise PublishError(f'{what} failed (HTTP {status}): {_server_message(e)}') from None
             error = f'HTTP {status}'
-        except (httpx.TransportError, ConnectionError, TimeoutError) as e:
+        except _transport_errors() as e:
             error = f'{type(e).__name__}: {e}'
         if attempt == retries:
             raise PublishError(
@@ -518,6 +517,18 @@ def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T
         _log(f'{what}: {error}; retrying in {wait:.1f}s ({attempt + 1}/{retries})')
         time.sleep(wait)
     raise AssertionError('unreachable')
+
+
+def _transport_errors() -> Tuple[type, ...]:
+    """Connection-level errors of the HTTP stack huggingface_hub uses (httpx in >= 1.0, requests before)."""
+    errors: Tuple[type, ...] = (ConnectionError, TimeoutError)
+    try:
+        from huggingface_hub.utils import httpx
+        errors += (httpx.TransportError,)
+    except ImportError:
+        import requests
+        errors += (requests.ConnectionError, requests.Timeout)
+    return errors
 
 
 def _server_message(e: Exception) -> str:
