@@ -3,6 +3,7 @@ from .version import __version__
 from .layers import TrActConv2d, TrActLinear, apply_tract, remove_tract, is_tract_layer, find_first_layer
 from . import functional
 from . import models  # registers the <arch>_tract twins in timm's model registry
+from . import optim  # registers the tract-<base> optimizers in timm's optimizer registry
 
 __all__ = [
     '__version__', 'TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer',
