@@ -493,11 +493,13 @@ def _check_repo_id(repo_id: str) -> None:
 # ---------------------------------------------------------------------------------------------- upload
 def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T:
     """Call `fn`, retrying network and 5xx/429 errors with exponential backoff; clear PublishError otherwise."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     for attempt in range(retries + 1):
         try:
             return fn()
+        except RevisionNotFoundError:
+            raise  # the caller decides (e.g. create the branch)
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
@@ -532,7 +534,8 @@ def _transport_errors() -> Tuple[type, ...]:
 
 
 def _server_message(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    message = getattr(e, 'server_message', None) or str(e)
+    return message.strip().splitlines()[0] if message.strip() else type(e).__name__
 
 
 def _upload(
