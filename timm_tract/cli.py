@@ -121,12 +121,46 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    from .train import build_train_parser
+    p = sub.add_parser(
+        'train', parents=[build_train_parser()], conflict_handler='resolve',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help='train a timm model (a *_tract model or a tract-* optimizer) with timm train.py\'s flags and outputs',
+        description='timm train.py for everyone without timm\'s repository: same flags, same output dir (args.yaml, '
+                    'summary.csv, last.pth.tar, model_best.pth.tar, checkpoint-*.pth.tar). Multi-process: '
+                    'torchrun --nproc_per_node=N -m timm_tract.cli train ...')
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+    from timm.utils import setup_default_logging
+    from .train import TrainError, train
+
+    setup_default_logging()
+    run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ('func', 'command')})
+    try:
+        result = train(run_args)
+    except TrainError as e:
+        print(f'timm-tract train: error: {e}', file=sys.stderr)
+        return 2
+    if int(os.environ.get('RANK', 0)) != 0:  # torchrun: one report, from rank 0
+        return 0
+    print(result['output_dir'])
+    if result['best_epoch'] >= 0:
+        print(f"best {run_args.eval_metric} {result['best_metric']:.4f} at epoch {result['best_epoch']}",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-tract', description='TrAct first-layer training for timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
     _add_demo(sub)
     _add_data(sub)
     _add_publish(sub)
+    _add_train(sub)
     return parser
 
 
