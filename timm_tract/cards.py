@@ -1,6 +1,7 @@
 """ Model cards for TrAct runs: computed model stats, the training command, and the README.md rendered with Jinja2
 from the templates in `model_cards/` (front matter through huggingface_hub's `ModelCardData`).
 """
+import argparse
 import dataclasses
 import shlex
 from pathlib import Path
@@ -104,20 +105,40 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to_empty(device='meta')
 
 
-def training_command(args: Mapping[str, Any]) -> str:
-    """The command line that reproduces a run from its `args.yaml` (every recipe argument spelled out).
+def training_command(args: Mapping[str, Any], parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """The command line that reproduces a run from its `args.yaml`.
 
-    `timm-tract train` when the run has `tract_lambda` (our trainer), else timm's `python train.py`.
-    Booleans become bare flags, lists space-separated values, dicts `k=v` pairs; unset values are left out.
+    `timm-tract train` when the run has `tract_lambda` (our trainer), else timm's `python train.py`. Flags come from
+    `parser` (default: `timm-tract train`'s, whose names are train.py's): values equal to the parser default are left
+    out, so the command parses back to the same args. Keys the parser does not know (train.py-only flags) are
+    spelled `--key-name` when set. Booleans become bare flags, lists space-separated values, dicts `k=v` pairs.
     """
-    program = ['timm-tract', 'train'] if 'tract_lambda' in args else ['python', 'train.py']
+    ours = 'tract_lambda' in args
+    if parser is None:
+        parser = _train_parser()
+    actions = {a.dest: a for a in getattr(parser, '_actions', ()) if a.option_strings}
+    program = ['timm-tract', 'train'] if ours else ['python', 'train.py']
     parts: List[str] = []
     first = ('model', 'data_dir', 'dataset')
     ordered = [(k, args[k]) for k in first if k in args] + [(k, v) for k, v in args.items() if k not in first]
     for key, value in ordered:
-        if key in _NON_RECIPE_ARGS or value is None or value is False or value == '' or value == [] or value == {}:
+        if key in _NON_RECIPE_ARGS:
             continue
-        flag = '--' + key.replace('_', '-')
+        action = actions.get(key)
+        if action is None:
+            if ours and actions:
+                continue  # bookkeeping our trainer stores, not a flag
+            if value is None or value is False or value in ('', [], {}):
+                continue
+            flag = '--' + key.replace('_', '-')
+        else:
+            if _same(value, action.default):
+                continue
+            flag = max((o for o in action.option_strings if o.startswith('--')), key=len, default=action.option_strings[0])
+            if action.nargs == 0:  # store_true / store_false / store_const
+                if value == action.const:
+                    parts.append(flag)
+                continue
         if value is True:
             parts.append(flag)
         elif isinstance(value, dict):
@@ -127,6 +148,20 @@ def training_command(args: Mapping[str, Any]) -> str:
         else:
             parts.append(f'{flag} {shlex.quote(str(value))}')
     return ' \\\n  '.join([' '.join(program)] + parts)
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    return value == default and type(value) is type(default) or (value is None and default is None)
+
+
+def _train_parser() -> Optional[argparse.ArgumentParser]:
+    try:
+        from .train import build_train_parser
+    except ImportError:
+        return None
+    return build_train_parser()
 
 
 def _front_matter(info: CardInputs) -> str:

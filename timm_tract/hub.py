@@ -318,25 +318,26 @@ def _checkpoint_accuracy(summary, epoch) -> Tuple[Optional[float], Optional[floa
 
 
 def _comparison(report: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Card section from `timm-tract compare`'s report.json: speed-up sentence plus its results table."""
+    """Card section from `timm-tract compare`'s report.json: its speed-up sentence and top-1 table (mean ± std)."""
     if not report:
         return None
-    speedup = next((report[k] for k in ('speedup', 'speed_up', 'speedup_factor') if k in report), None)
-    if isinstance(speedup, dict):
-        speedup = speedup.get('factor', speedup.get('value'))
-    if isinstance(speedup, (int, float)):
-        summary = f'TrAct reached the baseline\'s best validation top-1 with **{speedup:.2f}x** fewer epochs.'
+    speed = report.get('speedup')
+    if isinstance(speed, dict) and speed.get('text'):
+        summary = speed['text']
+    elif isinstance(speed, (int, float)):
+        summary = f'Speed-up {speed:.2f}x over the baseline.'
     else:
-        summary = ('TrAct did not reach the baseline\'s best validation top-1 within the budgets compared.'
-                   if any(k in report for k in ('speedup', 'speed_up', 'speedup_factor'))
-                   else 'Baseline and TrAct were trained with the same recipe, data order and seeds.')
-    table = next((report[k] for k in ('table', 'results', 'rows') if isinstance(report.get(k), list)), None)
-    columns, rows = [], []
-    if table and all(isinstance(r, dict) for r in table):
-        columns = [c for c in table[0] if not isinstance(table[0][c], (list, dict))]
-        rows = [[(f'{r.get(c):.4g}' if isinstance(r.get(c), float) else str(r.get(c, ''))) for c in columns]
-                for r in table]
-    return {'summary': summary, 'columns': columns, 'rows': rows}
+        summary = 'No speed-up was measured.'
+    labels = {'baseline': report.get('baseline_label', 'baseline'), 'tract': report.get('tract_label', 'TrAct')}
+    seeds = report.get('seeds')
+    if seeds:
+        summary += f" Baseline and TrAct were trained with the same recipe and data order, seeds {', '.join(map(str, seeds))}."
+    rows = []
+    for r in report.get('table') or []:
+        if isinstance(r, dict) and {'method', 'epochs', 'mean'} <= set(r):
+            rows.append([labels.get(r['method'], r['method']), str(r['epochs']), str(r.get('n', '')),
+                         f"{r['mean']:.2f} ± {r.get('std', 0.0):.2f}"])
+    return {'summary': summary, 'columns': ['method', 'epochs', 'seeds', 'top-1 (%)'], 'rows': rows}
 
 
 def _first_layer_name(model: torch.nn.Module) -> str:
