@@ -76,8 +76,9 @@ def test_model_stats_are_computed():
     h = w = 224
     macs = h * w * 64 * 3 * 3 * 3 + 64 * 10
     params = 64 * 27 + 64 + 640 + 10
-    assert model_stats(net, (3, h, w)) == {
-        'params_m': round(params / 1e6, 2), 'gmacs': round(macs / 1e9, 2), 'activations_m': round((64 * h * w + 10) / 1e6, 2)}
+    stats = model_stats(net, (3, h, w))
+    assert stats == pytest.approx({'params_m': params / 1e6, 'gmacs': macs / 1e9,
+                                   'activations_m': (64 * h * w + 10) / 1e6}, rel=5e-3)
     # timm's card for resnet50.a1_in1k states 25.6 M params, 4.1 GMACs, 11.1 M activations at 224 x 224
     r50 = model_stats(timm.create_model('resnet50', device='meta'), (3, 224, 224))
     assert (round(r50['params_m'], 1), round(r50['gmacs'], 1), round(r50['activations_m'], 1)) == (25.6, 4.1, 11.1)

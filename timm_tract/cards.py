@@ -71,7 +71,8 @@ class CardInputs:
 
 
 def model_stats(model: nn.Module, input_size: Sequence[int]) -> Dict[str, float]:
-    """Params (M), GMACs and activations (M) for one image of `input_size` (C, H, W).
+    """Params (M), GMACs and activations (M) for one image of `input_size` (C, H, W); 2 decimals (3 significant
+    digits below 1).
 
     MACs = FLOPs / 2 from `torch.utils.flop_counter.FlopCounterMode`; activations = output elements of every
     Conv and Linear layer (what fvcore counts for CNNs; attention matmuls are not included). Runs a copy of the
@@ -94,10 +95,15 @@ def model_stats(model: nn.Module, input_size: Sequence[int]) -> Dict[str, float]
         for h in hooks:
             h.remove()
     return {
-        'params_m': round(params / 1e6, 2),
-        'gmacs': round(counter.get_total_flops() / 2e9, 2),
-        'activations_m': round(acts[0] / 1e6, 2),
+        'params_m': _round_stat(params / 1e6),
+        'gmacs': _round_stat(counter.get_total_flops() / 2e9),
+        'activations_m': _round_stat(acts[0] / 1e6),
     }
+
+
+def _round_stat(value: float) -> float:
+    """2 decimals as timm's cards, 3 significant digits below 1 so small models do not read 0.0."""
+    return round(value, 2) if value >= 1 else float(f'{value:.3g}')
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
