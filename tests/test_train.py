@@ -1,0 +1,295 @@
+""" `timm-tract train` / `timm_tract.train.train`: train.py's call sequence, flags and outputs, on a tiny ImageFolder. """
+import argparse
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from timm.models import load_state_dict
+from timm.utils import load_checkpoint_metadata
+
+import timm_tract.train as tract_train
+from timm_tract.train import TrainError, build_train_parser, train
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_image_folder(root: Path, n_train: int = 6, n_val: int = 2, classes: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (('train', n_train), ('validation', n_val)):
+        for c in range(classes):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = np.full((16, 16, 3), 40 + 80 * c, np.int64) + rng.integers(-40, 40, (16, 16, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> Path:
+    return _write_image_folder(tmp_path_factory.mktemp('data'))  # 12 train images = 3 batches of 4, 4 val images
+
+
+def _args(data_dir, out, name='run', **kw) -> argparse.Namespace:
+    base = dict(data_dir=data_dir, model='resnet10t', num_classes=2, img_size=16, batch_size=4, workers=0,
+                epochs=1, opt='sgd', lr=0.05, warmup_epochs=0, no_aug=True, output=out, experiment=name,
+                device='cpu', seed=7, log_interval=1, checkpoint_hist=2)
+    base.update(kw)
+    argv = []
+    for k, v in base.items():
+        flag = '--' + k.replace('_', '-')
+        if v is True:
+            argv.append(flag)
+        elif isinstance(v, dict):
+            argv += [flag] + [f'{a}={b}' for a, b in v.items()]
+        elif isinstance(v, (list, tuple)):
+            argv += [flag] + [str(x) for x in v]
+        elif v is not False and v is not None:
+            argv += [flag, str(v)]
+    return build_train_parser().parse_args(argv)
+
+
+def _summary_rows(run_dir) -> list:
+    with open(Path(run_dir) / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+# --- flags and errors (fast) ----------------------------------------------------------------------------------------
+
+def test_parser_has_train_py_flags_and_defaults():
+    argv = ('--data-dir d --dataset torch/cifar10 --train-split train --val-split validation --model resnet18 '
+            '--pretrained --num-classes 10 --img-size 32 --batch-size 8 --epochs 3 --opt adamw --lr 0.1 --momentum 0.8 '
+            '--weight-decay 0.05 --sched step --warmup-epochs 1 --opt-kwargs tract_lambda=0.05 tract_sync_gram=True '
+            '--model-kwargs drop_block_rate=0.1 --amp --amp-dtype bfloat16 --channels-last --torchcompile '
+            '--grad-accum-steps 2 --clip-grad 1.0 --model-ema --seed 1 --output o --experiment e --resume r.pth.tar '
+            '--workers 0 --device cpu --log-interval 5 --tract-lambda 0.05').split()
+    a = build_train_parser().parse_args(argv)
+    assert a.opt_kwargs == {'tract_lambda': 0.05, 'tract_sync_gram': True}
+    assert a.model_kwargs == {'drop_block_rate': 0.1} and a.torchcompile == 'inductor' and a.tract_lambda == 0.05
+    d = build_train_parser().parse_args([])
+    # train.py's defaults
+    assert (d.model, d.opt, d.momentum, d.weight_decay, d.sched, d.epochs, d.batch_size, d.seed, d.amp_dtype,
+            d.train_split, d.val_split, d.eval_metric, d.smoothing) == (
+        'resnet50', 'sgd', 0.9, 2e-5, 'cosine', 300, 128, 42, 'float16', 'train', 'validation', 'top1', 0.1)
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(data_dir='/does/not/exist'), 'does not exist'),
+    (dict(val_split='holdout'), "no 'holdout' split folder"),
+    (dict(model='resnet1800'), "Unknown model 'resnet1800'.*similar: .*resnet18"),
+    (dict(opt='sgdd'), "Unknown optimizer 'sgdd'"),
+    (dict(tract_lambda=0.05), '--tract-lambda needs TrAct'),
+    (dict(model='resnet10t_tract', tract_lambda=0.05, model_kwargs={'tract_lambda': 0.2}), 'disagree'),
+    (dict(batch_size=64), 'fewer than one global batch'),
+    (dict(resume='/no/ckpt.pth.tar'), 'is not a file'),
+])
+def test_bad_input_gives_a_clear_error(data_dir, tmp_path, change, match):
+    change = dict(change)
+    with pytest.raises(TrainError, match=match):
+        train(_args(change.pop('data_dir', data_dir), tmp_path, **change))
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('model,opt,where', [
+    ('resnet18_tract', 'sgd', 'model'), ('resnet18', 'tract-sgd', 'opt'), ('resnet18', 'lookahead_tract-adamw', 'opt'),
+])
+def test_tract_lambda_goes_where_tract_is_used(model, opt, where):
+    args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda', '0.05',
+                                            '--model-kwargs', 'drop_block_rate=0.1'])
+    model_kwargs, opt_kwargs = tract_train._route_tract_lambda(args)
+    assert model_kwargs == ({'drop_block_rate': 0.1, 'tract_lambda': 0.05} if where == 'model' else {'drop_block_rate': 0.1})
+    assert opt_kwargs == ({'tract_lambda': 0.05} if where == 'opt' else {})
+    assert args.model_kwargs == {'drop_block_rate': 0.1} and args.opt_kwargs == {}  # args (args.yaml) untouched
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    from timm_tract.cli import main
+    assert main(['train', '--data-dir', str(tmp_path / 'none'), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'timm-tract train: error: --data-dir' in err and 'Traceback' not in err
+
+
+def test_epoch_data_order_is_seeded_and_matches_distributed_sampler(data_dir):
+    from timm.data import create_dataset, create_loader
+    ds = create_dataset('', root=str(data_dir), split='train', is_training=True)
+    loader = create_loader(ds, input_size=(3, 16, 16), batch_size=4, is_training=True, no_aug=True, num_workers=0,
+                           device=torch.device('cpu'))
+    args = argparse.Namespace(seed=7, rank=0)
+    orders = []
+    for epoch in (0, 1, 0):
+        torch.manual_seed(epoch + 100)  # whatever the global RNG state, the order depends on (seed, epoch) only
+        tract_train._seed_epoch(loader, args, epoch)
+        orders.append(list(iter(loader.sampler)))
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    dist_sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=2, rank=0, seed=7)
+    dist_sampler.set_epoch(1)
+    assert list(dist_sampler) == orders[1][0::2]  # rank 0 of 2 gets every other index of the same permutation
+
+
+# --- end to end (slow) ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_writes_train_py_layout_and_returns_history(data_dir, tmp_path):
+    result = train(_args(data_dir, tmp_path, epochs=2, opt='tract-sgd', tract_lambda=0.05))
+    run = tmp_path / 'run'
+    assert result['output_dir'] == str(run)
+    files = sorted(os.listdir(run))
+    assert files == ['args.yaml', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar',
+                     'model_best.pth.tar', 'summary.csv']
+    rows = _summary_rows(run)
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    assert [h['epoch'] for h in result['history']] == [0, 1]
+    for row, h in zip(rows, result['history']):
+        assert set(h) == {'epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'}
+        assert float(row['train_loss']) == pytest.approx(h['train_loss']) and float(row['lr']) == h['lr']
+    best = max(result['history'], key=lambda h: h['eval_top1'])
+    assert result['best_metric'] == best['eval_top1'] and result['best_epoch'] == best['epoch']
+    saved = yaml.safe_load((run / 'args.yaml').read_text())
+    assert saved['opt'] == 'tract-sgd' and saved['tract_lambda'] == 0.05 and saved['model'] == 'resnet10t'
+    meta = load_checkpoint_metadata(str(run / 'last.pth.tar'))
+    assert meta['epoch'] == 1 and meta['arch'] == 'resnet10t' and meta['args'].opt_kwargs == {}
+    # TrAct weights are plain timm weights: the base model loads them strictly
+    plain = timm.create_model('resnet10t', num_classes=2)
+    plain.load_state_dict(load_state_dict(str(run / 'model_best.pth.tar')))
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_and_different_seed_differs(data_dir, tmp_path):
+    a = train(_args(data_dir, tmp_path, 'a', opt='tract-sgd'))
+    b = train(_args(data_dir, tmp_path, 'b', opt='tract-sgd'))
+    c = train(_args(data_dir, tmp_path, 'c', opt='tract-sgd', seed=8))
+    assert a['history'][0]['train_loss'] == b['history'][0]['train_loss'] != c['history'][0]['train_loss']
+
+
+@pytest.mark.slow
+def test_existing_run_is_never_overwritten(data_dir, tmp_path):
+    train(_args(data_dir, tmp_path))
+    before = (tmp_path / 'run' / 'last.pth.tar').read_bytes()
+    with pytest.raises(TrainError, match='already holds a run.*--resume'):
+        train(_args(data_dir, tmp_path))
+    assert (tmp_path / 'run' / 'last.pth.tar').read_bytes() == before
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_at_the_right_epoch_with_same_optimizer_state(data_dir, tmp_path, monkeypatch):
+    kw = dict(epochs=3, opt='tract-momentum', model_ema=True, model_ema_decay=0.5)
+    full = train(_args(data_dir, tmp_path, 'full', **kw))
+
+    # the same run killed after its epoch-0 checkpoint ...
+    saver_cls = tract_train._make_saver
+
+    def killing_saver(*a, **k):
+        saver = saver_cls(*a, **k)
+        save = saver.save_checkpoint
+
+        def save_then_die(epoch, metric=None):
+            out = save(epoch, metric)
+            if epoch == 0:
+                raise _Killed()
+            return out
+        saver.save_checkpoint = save_then_die
+        return saver
+    monkeypatch.setattr(tract_train, '_make_saver', killing_saver)
+    with pytest.raises(_Killed):
+        train(_args(data_dir, tmp_path, 'part', **kw))
+    monkeypatch.undo()
+    part = tmp_path / 'part'
+    assert load_checkpoint_metadata(str(part / 'last.pth.tar'))['epoch'] == 0
+
+    # ... and resumed into its own dir: epochs 1 and 2 only, same weights, EMA and optimizer state as the full run
+    resumed = train(_args(data_dir, tmp_path, 'part', resume=part / 'last.pth.tar', **kw))
+    assert [h['epoch'] for h in resumed['history']] == [0, 1, 2]  # summary.csv continued, no duplicate rows
+    assert [h['train_loss'] for h in resumed['history']] == pytest.approx(
+        [h['train_loss'] for h in full['history']], rel=1e-5)
+    ck_full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=False)
+    ck_part = torch.load(part / 'last.pth.tar', weights_only=False)
+    assert ck_part['epoch'] == ck_full['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, t in ck_full[key].items():
+            torch.testing.assert_close(ck_part[key][name], t, msg=f'{key}.{name}')
+    for idx, state in ck_full['optimizer']['state'].items():
+        torch.testing.assert_close(ck_part['optimizer']['state'][idx]['momentum_buffer'], state['momentum_buffer'])
+    assert ck_part['optimizer']['param_groups'][0]['lr'] == ck_full['optimizer']['param_groups'][0]['lr']
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_last_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+    import timm.utils.checkpoint_saver as cs
+    real_save = torch.save
+    calls = {'n': 0}
+    unlinked = []
+
+    def dying_save(obj, path, *a, **k):
+        calls['n'] += 1
+        if calls['n'] == 2:  # epoch 1: die half-way through writing the file
+            with open(path, 'wb') as f:
+                f.write(b'\x80\x02partial')
+            raise _Killed()
+        return real_save(obj, path, *a, **k)
+
+    real_unlink = os.unlink
+    monkeypatch.setattr(cs.torch, 'save', dying_save)
+    monkeypatch.setattr(cs.os, 'unlink', lambda p, *a, **k: (unlinked.append(str(p)), real_unlink(p, *a, **k)))
+    with pytest.raises(_Killed):
+        train(_args(data_dir, tmp_path, epochs=2))
+    monkeypatch.undo()
+    assert not any(p.endswith('last.pth.tar') for p in unlinked)  # replaced by rename only, never removed first
+    assert load_checkpoint_metadata(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
+    resumed = train(_args(data_dir, tmp_path, epochs=2, resume=tmp_path / 'run' / 'last.pth.tar'))
+    assert [h['epoch'] for h in resumed['history']] == [0, 1]
+
+
+@pytest.mark.slow
+def test_train_py_options_amp_channels_last_accum_ema_clip_compile(data_dir, tmp_path):
+    """The options train.py users combine with TrAct, through the same call sequence (aot_eager: the autograd
+    tracing of torch.compile without C++ code generation; inductor is checked in the README's manual run)."""
+    result = train(_args(
+        data_dir, tmp_path, opt='tract-adamw', lr=1e-3, amp=True, amp_dtype='bfloat16', channels_last=True,
+        grad_accum_steps=2, model_ema=True, clip_grad=1.0, torchcompile='aot_eager'))
+    assert np.isfinite(result['history'][0]['train_loss'])
+    ck = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=False)
+    assert 'state_dict_ema' in ck and not any(k.startswith(('_orig_mod', 'module.')) for k in ck['state_dict'])
+    assert ck['optimizer']['state']  # optimizer stepped (3 batches, accumulation 2: 2 updates)
+
+
+FAMILIES = [  # one model per family; ViT/DeiT at 32 px need the img_size model kwarg (fixed input size)
+    ('resnet10t', {}),
+    ('convnext_atto', {}),
+    ('vit_tiny_patch16_224', {'img_size': 32}),
+    ('deit_tiny_patch16_224', {'img_size': 32}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch,model_kwargs', FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_tract_optimizer_equals_tract_model(data_dir, tmp_path, arch, model_kwargs):
+    """--model <arch> --opt tract-sgd  ==  --model <arch>_tract --opt sgd  (same seed, 3 steps)."""
+    common = dict(img_size=32, model_kwargs=model_kwargs, smoothing=0)
+    via_opt = train(_args(data_dir, tmp_path, 'opt', model=arch, opt='tract-sgd', **common))
+    via_model = train(_args(data_dir, tmp_path, 'model', model=arch + '_tract', opt='sgd', **common))
+    plain = train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
+    assert via_opt['history'][0]['train_loss'] == pytest.approx(via_model['history'][0]['train_loss'], rel=1e-5)
+    a = load_state_dict(str(tmp_path / 'opt' / 'last.pth.tar'))
+    b = load_state_dict(str(tmp_path / 'model' / 'last.pth.tar'))
+    c = load_state_dict(str(tmp_path / 'plain' / 'last.pth.tar'))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    first = timm.create_model(arch, **model_kwargs).pretrained_cfg['first_conv'] + '.weight'
+    assert not torch.allclose(a[first], c[first], atol=1e-6)  # TrAct took effect
