@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2, list_optimizers, get_optimizer_info
 from timm.optim._optim_factory import default_registry
 from timm.task import ClassificationTask
 
-import timm_tract
+import timm_tract  # noqa: F401  (registers the tract-* optimizers)
 from timm_tract import apply_tract, is_tract_layer
 from timm_tract.optim import find_model_of_params, register_tract_optimizers, _module_parent, _param_owner
 
@@ -146,7 +146,7 @@ def test_never_tract_twice_on_a_tract_model():
 def test_custom_tract_layer_choice_is_respected():
     model = apply_tract(_tiny_resnet(), layer='conv1.3')  # user picked another conv
     create_optimizer_v2(model, 'tract-sgd', lr=0.1)
-    assert [type(m) for m in model.conv1] [0] is nn.Conv2d
+    assert type(model.conv1[0]) is nn.Conv2d
     assert _tract_layers(model) == [model.conv1[3]]
 
 
@@ -164,7 +164,8 @@ def test_first_layer_of_each_family(arch, path):
 def test_parameter_iterables_named_params_and_groups():
     model = _tiny_resnet()
     opt = create_optimizer_v2(model.parameters(), 'tract-sgd', lr=0.1)  # a generator: used up once only
-    assert is_tract_layer(model.conv1[0]) and sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+    assert is_tract_layer(model.conv1[0])
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
     model = _tiny_resnet()
     groups = [{'params': (p for n, p in model.named_parameters() if 'fc' not in n)},
               {'params': model.fc.parameters(), 'lr': 0.01}]
@@ -184,6 +185,16 @@ def test_model_found_inside_task_and_compile_wrappers():
     compiled = torch.compile(model)
     create_optimizer_v2(compiled, 'tract-sgd', lr=0.1)
     assert is_tract_layer(model.conv1[0])
+
+
+def test_model_built_on_meta_then_materialized():
+    # to_empty() replaces the Parameter objects without a registration hook call
+    model = timm.create_model('resnet10t', num_classes=3, device='meta')
+    meta_weight = model.conv1[0].weight
+    model.to_empty(device='cpu')
+    assert model.conv1[0].weight is not meta_weight
+    create_optimizer_v2(model, 'tract-sgd', lr=0.1)
+    assert _tract_layers(model) == [model.conv1[0]]
 
 
 def test_frozen_first_layer_is_an_error():

@@ -110,7 +110,8 @@ def test_tract_lambda_goes_where_tract_is_used(model, opt, where):
     args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda', '0.05',
                                             '--model-kwargs', 'drop_block_rate=0.1'])
     model_kwargs, opt_kwargs = tract_train._route_tract_lambda(args)
-    assert model_kwargs == ({'drop_block_rate': 0.1, 'tract_lambda': 0.05} if where == 'model' else {'drop_block_rate': 0.1})
+    expected = {'drop_block_rate': 0.1, **({'tract_lambda': 0.05} if where == 'model' else {})}
+    assert model_kwargs == expected
     assert opt_kwargs == ({'tract_lambda': 0.05} if where == 'opt' else {})
     assert args.model_kwargs == {'drop_block_rate': 0.1} and args.opt_kwargs == {}  # args (args.yaml) untouched
 
@@ -293,3 +294,24 @@ def test_tract_optimizer_equals_tract_model(data_dir, tmp_path, arch, model_kwar
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     first = timm.create_model(arch, **model_kwargs).pretrained_cfg['first_conv'] + '.weight'
     assert not torch.allclose(a[first], c[first], atol=1e-6)  # TrAct took effect
+
+
+TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')  # path to train.py of a timm repository clone (not on PyPI, so not in CI)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRAIN_PY, reason='set TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py to run timm\'s train.py')
+@pytest.mark.parametrize('model,opt', [('resnet10t', 'tract-sgd'), ('resnet10t_tract', 'sgd')])
+def test_timm_train_py_with_device_modules(data_dir, tmp_path, model, opt):
+    import subprocess
+    import sys
+    cmd = [sys.executable, TRAIN_PY, '--device-modules', 'timm_tract', '--data-dir', str(data_dir), '--device', 'cpu',
+           '--model', model, '--opt', opt, '--num-classes', '2', '--img-size', '16', '-b', '4', '-j', '0',
+           '--epochs', '1', '--lr', '0.01', '--warmup-epochs', '0', '--no-aug', '--output', str(tmp_path),
+           '--experiment', 'e']
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1]), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(TRAIN_PY), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if opt.startswith('tract-'):
+        assert 'tract-sgd: TrAct on ResNet first layer' in proc.stderr + proc.stdout
+    assert (tmp_path / 'e' / 'last.pth.tar').exists() and (tmp_path / 'e' / 'summary.csv').exists()

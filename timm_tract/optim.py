@@ -16,8 +16,10 @@ Finding the model uses PyTorch's public global registration hooks
 parameter → owning module and module → parent module, filled as models are built. The model is the innermost
 ancestor of a parameter's owner that holds every parameter given to the optimizer. The hooks cost one weak-map
 insert per registered parameter / submodule (see `scripts/bench_optim_hook.py`); nothing else runs unless a
-`tract-*` optimizer is created. Models materialized without registration (deepcopy, unpickling a whole model) are
-not tracked: build the optimizer on a model created normally, or call `apply_tract` and use the plain optimizer.
+`tract-*` optimizer is created (then, for parameters replaced after registration, e.g. by `to_empty()` of a meta-device
+model, the recorded modules are searched for their owner). Models materialized without registration (deepcopy,
+unpickling a whole model) are not tracked: build the optimizer on a model created normally, or call `apply_tract` and
+use the plain optimizer.
 """
 import dataclasses
 import logging
@@ -68,6 +70,9 @@ class _WeakIdMap:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def live_keys(self) -> List[Any]:
+        return [obj for obj in (ref() for ref, _ in list(self._data.values())) if obj is not None]
 
 
 _param_owner = _WeakIdMap()  # parameter -> module it was registered on (the latest one)
@@ -120,17 +125,29 @@ def _ancestors(module: nn.Module) -> Iterable[nn.Module]:
         module = _module_parent.get(module)
 
 
+def _owner_among_tracked_modules(wanted: set) -> Optional[nn.Module]:
+    """A tracked submodule directly holding one of the wanted parameters.
+
+    For parameters replaced after registration without a hook call, e.g. by `Module.to_empty()` / `.to()` of a
+    model built on the meta device (`_apply` then writes new Parameter objects into `_parameters`). Only looks at
+    the modules the hooks recorded, only when a tract-* optimizer is created.
+    """
+    for module in _module_parent.live_keys():
+        if any(id(p) in wanted for p in module.parameters(recurse=False)):
+            return module
+    return None
+
+
 def find_model_of_params(params: Sequence[torch.Tensor]) -> Optional[nn.Module]:
     """The innermost module that holds every one of `params`, found through the registration hooks; None if the
     parameters were never registered on a module (or belong to unrelated models)."""
     wanted = {id(p) for p in params}
     if not wanted:
         return None
-    for p in params:
-        owner = _param_owner.get(p)
-        if owner is not None:
-            break
-    else:
+    owner = next((o for o in map(_param_owner.get, params) if o is not None), None)
+    if owner is None:
+        owner = _owner_among_tracked_modules(wanted)
+    if owner is None:
         return None
     for module in _ancestors(owner):
         if wanted <= {id(q) for q in module.parameters()}:
@@ -169,7 +186,8 @@ def _create_tract_optimizer(
         tract_sync_gram: Optional[bool] = None,
         **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """`opt_class` of a `tract-<base>` registry entry: TrAct on the model owning `params`, then `<base>(params, **kwargs)`."""
+    """`opt_class` of a `tract-<base>` registry entry: TrAct on the model owning `params`, then
+    `<base>(params, **kwargs)`."""
     from timm.optim._optim_factory import default_registry
     if tract_lambda is not None:
         tract_lambda = check_lambda(tract_lambda)

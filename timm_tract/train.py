@@ -16,14 +16,13 @@ import argparse
 import csv
 import difflib
 import logging
-import math
 import os
 import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -212,7 +211,8 @@ def _check_data_dir(args: argparse.Namespace) -> None:
         names = next((group for group in _SPLIT_SYNONYMS if split in group), (split,))
         if not any(os.path.isdir(os.path.join(args.data_dir, name)) for name in names):
             raise TrainError(
-                f'--data-dir {args.data_dir!r} has no {split!r} split folder (expected {os.path.join(args.data_dir, split)}'
+                f'--data-dir {args.data_dir!r} has no {split!r} split folder (expected '
+                f'{os.path.join(args.data_dir, split)}'
                 f'/<class>/<image>); use --train-split/--val-split to name yours, --val-split "" for no evaluation.')
 
 
@@ -448,7 +448,9 @@ def train(args: argparse.Namespace) -> dict:
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 and device.type == 'cuda' else None
+    loss_scaler = None
+    if args.amp and amp_dtype == torch.float16 and device.type == 'cuda':  # train.py: scaler for CUDA fp16 only
+        loss_scaler = NativeScaler(device=device.type)
 
     train_ds, eval_ds = _create_datasets(args)
     args.lr = _resolve_lr(args)
@@ -488,7 +490,8 @@ def train(args: argparse.Namespace) -> dict:
     loader_train = create_loader(
         train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, **{**loader_common, 'interpolation': args.train_interpolation})
+        color_jitter=args.color_jitter, auto_augment=args.aa,
+        **{**loader_common, 'interpolation': args.train_interpolation})
     loader_eval = None
     if eval_ds is not None:
         loader_eval = create_loader(eval_ds, batch_size=args.validation_batch_size or args.batch_size,
