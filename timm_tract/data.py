@@ -39,9 +39,10 @@ _PHOTOS = (
     'astronaut', 'camera', 'coffee', 'chelsea', 'rocket', 'coins', 'moon', 'clock', 'hubble_deep_field',
     'immunohistochemistry', 'retina', 'grass', 'gravel', 'brick',
 )
-_CONTRAST_RANGE = (0.15, 1.0)  # log-uniform exposure contrast factor
+_CONTRAST_RANGE = (0.2, 1.0)  # log-uniform exposure contrast factor
 _CROP_RANGE = (40, 160)  # side of the square background crop in source pixels, before resizing to 32
-_DIGIT_RANGE = (18, 28)  # side of the rendered digit in output pixels
+_DIGIT_RANGE = (22, 30)  # side of the rendered digit in output pixels
+_BG_DETAIL_RANGE = (0.3, 0.7)  # share of the background's own contrast kept under the ink
 
 
 def default_data_dir() -> Path:
@@ -180,14 +181,16 @@ def _render_one(digit: np.ndarray, photos: List[np.ndarray], rng: np.random.Gene
     bg = np.asarray(crop, dtype=np.float32) / 255.
     if rng.random() < 0.5:
         bg = bg[:, ::-1]
+    bg_mean = bg.mean((0, 1))
+    bg = bg_mean + (bg - bg_mean) * rng.uniform(*_BG_DETAIL_RANGE)  # background texture fainter than the ink
 
     size = int(rng.integers(_DIGIT_RANGE[0], _DIGIT_RANGE[1] + 1))
     glyph = Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
     alpha = np.zeros((IMG_SIZE, IMG_SIZE), np.float32)
     y, x = (int(v) for v in rng.integers(0, IMG_SIZE - size + 1, size=2))
-    alpha[y:y + size, x:x + size] = np.asarray(glyph, dtype=np.float32) / 255. * rng.uniform(0.7, 1.0)
+    alpha[y:y + size, x:x + size] = np.asarray(glyph, dtype=np.float32) / 255. * rng.uniform(0.85, 1.0)
     # ink contrasts with the background: the complement of its mean colour, jittered
-    ink = np.clip(1. - bg.mean((0, 1)) + rng.normal(0., 0.15, size=3), 0., 1.).astype(np.float32)
+    ink = np.clip(1. - bg_mean + rng.normal(0., 0.15, size=3), 0., 1.).astype(np.float32)
     img = bg * (1. - alpha[..., None]) + ink * alpha[..., None]
 
     contrast = float(np.exp(rng.uniform(*np.log(_CONTRAST_RANGE))))

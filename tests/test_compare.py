@@ -1,0 +1,260 @@
+""" `timm-tract compare`: aggregation, speed-up, report and plot on known curves; tiny real runs; paper recipes. """
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from timm_tract.compare import aggregate, build_report, format_markdown, plot_report, speedup, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+MACHINE = {'device': 'CPU test', 'platform': 'test-os', 'python': '3', 'torch': 't', 'timm': 'm'}
+
+
+def _history(finals, start=10.):
+    """A run's history: top-1 rising linearly from `start` to `final` over len(finals) epochs (finals = final)."""
+    n, final = finals
+    return [{'epoch': e, 'eval_top1': start + (final - start) * (e + 1) / n, 'train_loss': 1., 'eval_loss': 1.,
+             'eval_top5': 100., 'lr': 0.1} for e in range(n)]
+
+
+def _runs(finals: dict):
+    """finals: {(method, budget): [final top-1 per seed]} -> run dicts."""
+    return [{'method': m, 'epochs': b, 'seed': s, 'history': _history((b, f)), 'wall_s': 1.5}
+            for (m, b), per_seed in finals.items() for s, f in enumerate(per_seed)]
+
+
+KNOWN = {
+    ('baseline', 2): [50., 52., 54.], ('baseline', 4): [60., 62., 64.], ('baseline', 8): [70., 71., 72.],
+    ('tract', 2): [60., 61., 62.], ('tract', 4): [71., 72., 73.], ('tract', 8): [75., 75., 75.],
+}
+
+
+def test_aggregate_mean_and_bessel_std():
+    agg = aggregate(_runs(KNOWN))
+    rows = {(r['method'], r['epochs']): r for r in agg['table']}
+    assert [(r['method'], r['epochs']) for r in agg['table']] == sorted(KNOWN, key=lambda k: (k[0] != 'baseline', k[1]))
+    assert rows[('baseline', 2)]['mean'] == pytest.approx(52.) and rows[('baseline', 2)]['std'] == pytest.approx(2.)
+    assert rows[('baseline', 8)]['std'] == pytest.approx(1.)  # Bessel: sqrt(((-1)^2 + 0 + 1^2) / 2)
+    assert rows[('tract', 8)]['std'] == 0. and rows[('tract', 4)]['n'] == 3
+    assert rows[('tract', 4)]['per_seed'] == {'0': 71., '1': 72., '2': 73.}
+    curve = next(c for c in agg['curves'] if (c['method'], c['epochs']) == ('baseline', 4))
+    assert len(curve['mean']) == 4
+    assert curve['mean'][-1] == pytest.approx(62.) and curve['mean'][1] == pytest.approx(10 + 52 / 2)
+    assert curve['std'][-1] == pytest.approx(2.)
+    assert aggregate(_runs({('tract', 3): [40.]}))['table'][0]['std'] == 0.  # one seed: std 0, not NaN
+
+
+def test_speedup_reached():
+    sp = speedup(aggregate(_runs(KNOWN))['table'])
+    assert (sp['baseline_epochs'], sp['tract_epochs']) == (8, 4)
+    assert sp['factor'] == pytest.approx(2.) and not sp['lower_bound']
+    assert sp['baseline_top1'] == pytest.approx(71.)
+    assert 'Speed-up 2.00x' in sp['text'] and '71.00% at 8 epochs' in sp['text']
+
+
+def test_speedup_smallest_budget_is_a_lower_bound():
+    finals = {**KNOWN, ('tract', 2): [71., 71., 71.]}  # equal to the baseline's best counts as reaching it
+    sp = speedup(aggregate(_runs(finals))['table'])
+    assert sp['tract_epochs'] == 2 and sp['factor'] == pytest.approx(4.) and sp['lower_bound']
+    assert 'Speed-up ≥ 4.00x' in sp['text'] and 'lower bound' in sp['text']
+
+
+def test_speedup_not_reached_and_ties():
+    finals = {k: ([f - 30 for f in v] if k[0] == 'tract' else v) for k, v in KNOWN.items()}
+    sp = speedup(aggregate(_runs(finals))['table'])
+    assert sp['factor'] is None and sp['tract_epochs'] is None
+    assert 'did not reach' in sp['text'] and 'no speed-up' in sp['text']
+    # baseline best is tied between 4 and 8 epochs: the smaller budget counts, TrAct at 4 → 1x, not 2x
+    tied = {**KNOWN, ('baseline', 4): [70., 71., 72.]}
+    sp = speedup(aggregate(_runs(tied))['table'])
+    assert (sp['baseline_epochs'], sp['tract_epochs'], sp['factor']) == (4, 4, 1.)
+    # TrAct needs a larger budget than the baseline's best: factor below 1
+    slower = {**KNOWN, ('tract', 4): [60., 60., 60.], ('baseline', 8): [60., 60., 60.]}
+    sp = speedup(aggregate(_runs(slower))['table'])
+    assert (sp['baseline_epochs'], sp['tract_epochs']) == (4, 8) and sp['factor'] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match='both baseline and tract'):
+        speedup(aggregate(_runs({('tract', 2): [1.]}))['table'])
+
+
+def _report(finals=KNOWN, **kw):
+    return build_report(_runs(finals), baseline_label='resnet10t', tract_label='resnet10t_tract', data='toy',
+                        recipe='sgd', seeds=[0, 1, 2], wall_clock_s=125.4, machine=MACHINE, publish_dir='runs/x', **kw)
+
+
+def test_markdown_and_json_report(tmp_path):
+    report = _report()
+    md = format_markdown(report)
+    assert '| method | 2 epochs | 4 epochs | 8 epochs |' in md
+    assert '| resnet10t | 52.00 ± 2.00 | 62.00 ± 2.00 | 71.00 ± 1.00 |' in md
+    assert '| resnet10t_tract | 61.00 ± 1.00 | 72.00 ± 1.00 | 75.00 ± 0.00 |' in md
+    assert 'Speed-up 2.00x' in md and 'CPU test' in md and '2 min 05 s for 18 runs' in md
+    assert 'baseline 14 s, TrAct 14 s' in md and '`runs/x`' in md
+    paths = write_report(report, str(tmp_path / 'out'))
+    loaded = json.loads(Path(paths['json']).read_text())
+    assert loaded['speedup']['factor'] == 2. and loaded['wall_clock_s'] == 125.4
+    assert len(loaded['runs']) == 18 and loaded['machine'] == MACHINE
+    assert Path(paths['markdown']).read_text() == md
+    assert Path(paths['plot']).name == 'compare.png'
+
+
+def _mean_row(mask: np.ndarray) -> float:
+    ys, _ = np.nonzero(mask)
+    return ys.mean()
+
+
+def test_plot_draws_methods_where_their_accuracy_is(tmp_path):
+    # TrAct flat at 90%, baseline flat at 20%: in both panels the red (TrAct) pixels lie above the blue ones
+    finals = {('baseline', 2): [20., 20., 20.], ('baseline', 8): [20., 20., 20.],
+              ('tract', 2): [90., 90., 90.], ('tract', 8): [90., 90., 90.]}
+    runs = [{'method': m, 'epochs': b, 'seed': s, 'history': [{'epoch': e, 'eval_top1': f} for e in range(b)]}
+            for (m, b), per_seed in finals.items() for s, f in enumerate(per_seed)]
+    report = build_report(runs, baseline_label='a', tract_label='a_tract', data='toy', recipe='r', seeds=[0, 1, 2],
+                          wall_clock_s=1., machine=MACHINE)
+    path = tmp_path / 'p.png'
+    plot_report(report, str(path))
+    img = np.asarray(Image.open(path).convert('RGB')).astype(int)
+    assert img.shape == (462, 1210, 3)
+    red = (abs(img[..., 0] - 0xd6) < 12) & (abs(img[..., 1] - 0x27) < 12) & (abs(img[..., 2] - 0x28) < 12)
+    blue = (abs(img[..., 0] - 0x1f) < 12) & (abs(img[..., 1] - 0x77) < 12) & (abs(img[..., 2] - 0xb4) < 12)
+    half = img.shape[1] // 2
+    for panel in (slice(0, half), slice(half, None)):
+        r, b = red[:, panel].copy(), blue[:, panel].copy()
+        r[:80], b[:80] = False, False  # ignore the title / legend corner
+        assert r.sum() > 100 and b.sum() > 100
+        assert _mean_row(r) < _mean_row(b) - 100  # higher accuracy = higher on the image = smaller row index
+
+
+def _recipes():
+    lines = (REPO / 'scripts' / 'recipes_paper.txt').read_text().splitlines()
+    return [shlex.split(ln) for ln in lines if ln.strip() and not ln.lstrip().startswith('#')]
+
+
+def test_paper_recipes_parse_with_the_real_cli():
+    import timm
+    from timm.optim import list_optimizers
+    from timm_tract.cli import build_parser
+
+    parser = build_parser()
+    recipes = _recipes()
+    assert len(recipes) == 12
+    seen = {}
+    for argv in recipes:
+        assert argv[0] == 'timm-tract' and argv[1] in ('compare', 'train')
+        args = parser.parse_args(argv[1:])  # SystemExit (a failed test) on any unknown or malformed flag
+        arch = args.model
+        assert timm.is_model(arch) and (arch.endswith('_tract') or timm.is_model(f'{arch}_tract')), arch
+        assert args.opt in list_optimizers() and f'tract-{args.opt}' in list_optimizers()
+        assert args.momentum == 0.9 and args.tract_lambda == (0.1 if argv[1] == 'compare' or arch.endswith('_tract') else None)
+        if argv[1] == 'compare':
+            assert args.seeds == [0, 1, 2, 3, 4] and args.batch_size == 128 and args.sched == 'cosine'
+            assert args.img_size == 32 and args.num_classes == 10 and args.dataset == 'torch/cifar10'
+            for budget in args.budgets:
+                seen[(arch, args.opt, budget)] = args.lr
+        else:
+            assert args.batch_size == 256 and args.weight_decay == 1e-4 and args.sched == 'multistep'
+            assert args.decay_milestones == [args.epochs // 3, 2 * args.epochs // 3]  # x0.1 at 1/3 and 2/3
+            seen[(arch, args.epochs)] = args.lr
+    # the paper's baseline-tuned learning rates (notes §2.1, §2.2, §2.4), reused for TrAct
+    assert all(seen[('resnet18', 'sgd', b)] == 0.08 for b in (100, 200, 400, 800))
+    assert [seen[('resnet18', 'adam', b)] for b in (100, 200, 400, 800)] == [1e-2, 1e-2, 1e-3, 1e-3]
+    vit = [seen[('vit_small_patch16_224', 'adam', b)] for b in (100, 200, 400, 800)]
+    assert vit == pytest.approx([10 ** -3, 10 ** -3.2, 10 ** -3.5, 10 ** -3.5], rel=1e-3)
+    for arch in ('resnet50', 'resnet50_tract'):
+        assert [seen[(arch, e)] for e in (30, 60, 90)] == [0.141, 0.1, 0.1]
+
+
+# --- real runs through timm_tract.train on a small slice of the embedded data ------------------------------------
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    """ImageFolder with 6 train / 3 validation images per class, copied from the embedded data set."""
+    import shutil
+    from timm_tract.data import build_data
+
+    base = tmp_path_factory.mktemp('embedded') / 'data'
+    build_data(base)
+    small = tmp_path_factory.mktemp('small')
+    for split, n in (('train', 6), ('validation', 3)):
+        for cls_dir in sorted((base / split).iterdir()):
+            (small / split / cls_dir.name).mkdir(parents=True)
+            for f in sorted(cls_dir.glob('*.png'))[:n]:
+                shutil.copy(f, small / split / cls_dir.name / f.name)
+    return small
+
+
+def _compare_args(data_dir, out, *extra):
+    from timm_tract.compare import build_compare_parser
+    return build_compare_parser().parse_args([
+        '--data-dir', str(data_dir), '--model', 'test_resnet', '--img-size', '32', '--crop-pct', '1', '-b', '20',
+        '--lr', '0.05', '--output', str(out), '--experiment', 'cmp', *extra])
+
+
+@pytest.mark.slow
+def test_compare_end_to_end(small_data, tmp_path):
+    import csv
+    import yaml
+    from timm_tract.compare import compare
+
+    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2'), argv=[])
+    out = tmp_path / 'cmp'
+    assert {p.name for p in out.iterdir()} == {'report.json', 'report.md', 'compare.png', 'runs'}
+    loaded = json.loads((out / 'report.json').read_text())
+    assert len(loaded['runs']) == 12 and loaded['budgets'] == [1, 2] and loaded['seeds'] == [0, 1, 2]
+    assert loaded['wall_clock_s'] > 0 and loaded['cpu_s'] > 0 and loaded['machine']['device'].startswith(('CPU', 'GPU'))
+    # the table is the mean of the final top-1 that each run wrote to its own summary.csv
+    finals = {}
+    for run in loaded['runs']:
+        run_dir = Path(run['output_dir'])
+        rows = list(csv.DictReader(open(run_dir / 'summary.csv')))
+        assert len(rows) == run['epochs']
+        hp = yaml.safe_load(open(run_dir / 'args.yaml'))
+        assert (hp['epochs'], hp['seed']) == (run['epochs'], run['seed'])
+        assert hp['model'] == ('test_resnet_tract' if run['method'] == 'tract' else 'test_resnet')
+        assert hp['tract_lambda'] == (0.1 if run['method'] == 'tract' else None)
+        finals.setdefault((run['method'], run['epochs']), []).append(float(rows[-1]['eval_top1']))
+    for row in loaded['table']:
+        assert row['mean'] == pytest.approx(np.mean(finals[(row['method'], row['epochs'])]))
+        assert row['std'] == pytest.approx(np.std(finals[(row['method'], row['epochs'])], ddof=1))
+    # only the TrAct run of the largest budget (first seed) keeps checkpoints: ready to publish
+    publish = Path(loaded['publish_dir'])
+    assert publish.name == 'tract-e2-s0'
+    assert {'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'} <= {p.name for p in publish.iterdir()}
+    assert {p.parent.name for p in (out / 'runs').rglob('*.pth.tar')} == {'tract-e2-s0'}
+    assert loaded['num_classes'] == 10  # inferred from the class folders
+    md = (out / 'report.md').read_text()
+    assert '| test_resnet | ' in md and '| test_resnet_tract | ' in md and loaded['speedup']['text'] in md
+    assert Image.open(out / 'compare.png').size == (1210, 462)
+    assert report['paths']['markdown'] == str(out / 'report.md')
+    # the output directory is never reused
+    with pytest.raises(FileExistsError, match='not empty'):
+        compare(_compare_args(small_data, tmp_path, '--budgets', '1', '--seeds', '0'))
+
+
+@pytest.mark.slow
+def test_compare_via_optimizer(small_data, tmp_path):
+    import yaml
+    from timm_tract.compare import compare
+
+    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '--seeds', '0', '1', '--tract-via', 'opt',
+                                   '--opt', 'sgd'), argv=[])
+    opts = {(r['method'], yaml.safe_load(open(Path(r['output_dir']) / 'args.yaml'))['opt']) for r in report['runs']}
+    assert opts == {('baseline', 'sgd'), ('tract', 'tract-sgd')}
+    assert report['tract_label'] == 'test_resnet + tract-sgd'
+
+
+def test_compare_rejects_bad_input(tmp_path):
+    from timm_tract.compare import compare
+
+    with pytest.raises(ValueError, match='give the baseline'):
+        compare(_compare_args(tmp_path, tmp_path, '--model', 'test_resnet_tract'))
+    with pytest.raises(ValueError, match='give the baseline'):
+        compare(_compare_args(tmp_path, tmp_path, '--opt', 'tract-sgd'))
+    with pytest.raises(ValueError, match='no registered TrAct twin.*--tract-via opt'):
+        compare(_compare_args(tmp_path, tmp_path, '--model', 'mobilenetv3_small_050'))
+    with pytest.raises(ValueError, match='positive'):
+        compare(_compare_args(tmp_path, tmp_path, '--budgets', '0'))
+    with pytest.raises(SystemExit):
+        _compare_args(tmp_path, tmp_path, '--epochs', '3')  # budgets, not --epochs
