@@ -272,6 +272,9 @@ def _create_tract(twin: str, pretrained: bool = False, **kwargs) -> nn.Module:
             f'layer, so the TrAct statistics would count padding patches; build the classic ViT (use_naflex=False, '
             f'and leave TIMM_USE_NAFLEXVIT unset).')
     entrypoint = model_entrypoint(base)
+    if not isinstance(entrypoint, types.FunctionType):
+        raise RuntimeError(f'{twin}: timm\'s entrypoint for `{base}` is {entrypoint!r}, not a plain function; '
+                           f'build `{base}` and call timm_tract.apply_tract(model) instead.')
     built: List[str] = []
     redirected = _with_build_redirect(entrypoint, partial(_build_twin, twin, base, tract_lambda, built))
     model = redirected(pretrained=pretrained, **kwargs)
