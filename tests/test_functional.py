@@ -289,3 +289,17 @@ def test_no_work_without_grad():
     layer.bias.requires_grad_(False)
     assert layer(x).grad_fn is None
     assert math.isclose(layer.tract_lambda, timm_tract.functional.DEFAULT_LAMBDA)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_symmetric_strip_gram_matches_full_product(groups):
+    """Large n (ViT patch embeds) takes the block-upper-triangle product; the mirrored result is the full XᵀX."""
+    torch.manual_seed(0)
+    c = 3 * groups
+    x = torch.randn(3, c, 64, 48, dtype=torch.float64)
+    geom = TF.conv_geometry((4, 3, 16, 16), c, stride=16, groups=groups)
+    gram, rows = TF.patch_gram(x, geom)
+    assert TF._gram_strips(768) != (0, 768)  # the strip path is the one under test
+    cols = F.unfold(x, 16, stride=16).view(3, groups, 768, -1).permute(1, 2, 0, 3).reshape(groups, 768, -1)
+    assert rows == 3 * 4 * 3
+    assert torch.allclose(gram, cols @ cols.transpose(1, 2), rtol=1e-12, atol=1e-10)

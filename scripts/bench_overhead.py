@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+""" TrAct overhead: training-step time and peak memory of plain vs timm-tract vs the official torch-tract wrapper.
+
+Step = forward + backward + SGD step at 224 px. Times are interleaved in one process (plain, ours, official, plain, ...)
+and the median of >= 7 pairs is reported as ratios to plain. Peak memory of each variant is measured in a separate
+process: on CUDA `torch.cuda.max_memory_allocated`, on CPU the peak RSS (ru_maxrss) over the RSS after building the model,
+with glibc's mmap threshold fixed so freed tensors leave the RSS. Prints a Markdown table and writes JSON.
+
+    python scripts/bench_overhead.py                          # all five models, 7 pairs
+    python scripts/bench_overhead.py --models resnet18 --pairs 9 --json out.json
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = {  # model: batch size
+    'resnet18': 32,
+    'resnet50': 16,
+    'convnext_tiny': 16,
+    'vit_small_patch16_224': 32,
+    'deit_tiny_patch16_224': 64,
+}
+TARGETS = {'resnet18': 1.10, 'resnet50': 1.04, 'convnext_tiny': 1.01, 'vit_small_patch16_224': 1.01,
+           'deit_tiny_patch16_224': 1.03}
+VARIANTS = ('plain', 'timm_tract', 'official')
+
+
+def _build(name: str, variant: str, device: str):
+    import timm
+    import timm_tract
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).to(device)
+    if variant == 'timm_tract':
+        timm_tract.apply_tract(model)
+    elif variant == 'official':
+        import torch_tract
+        path, = timm_tract.find_first_layer(model)
+        parent_name, _, child = path.rpartition('.')
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, torch_tract.TrAct(getattr(parent, child), l=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return model, opt
+
+
+def _batch(name: str, device: str):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(MODELS[name], 3, 224, 224, generator=gen).to(device)
+    y = torch.randint(0, 1000, (MODELS[name],), generator=gen).to(device)
+    return x, y
+
+
+def _step(model, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_model(name: str, pairs: int, device: str) -> dict:
+    """Median step time of each variant, interleaved, after one warm-up step each."""
+    x, y = _batch(name, device)
+    built = {v: _build(name, v, device) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for v in VARIANTS:
+        _step(*built[v], x, y)
+    for _ in range(pairs):
+        for v in VARIANTS:
+            _sync(device)
+            start = time.perf_counter()
+            _step(*built[v], x, y)
+            _sync(device)
+            times[v].append(time.perf_counter() - start)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    return {'step_s': med, 'ratio': {v: med[v] / med['plain'] for v in VARIANTS}}
+
+
+def peak_memory(name: str, variant: str, device: str) -> int:
+    """Peak bytes of two training steps in this process (call in a fresh process)."""
+    x, y = _batch(name, device)
+    model, opt = _build(name, variant, device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _current_rss()
+    for _ in range(2):
+        _step(model, opt, x, y)
+    _sync(device)
+    if device == 'cuda':
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def _current_rss() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _memory_in_subprocess(name: str, variant: str, device: str) -> int:
+    # fixed mmap threshold: glibc returns every large tensor to the OS when freed, so peak RSS tracks live tensors
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072')
+    out = subprocess.run([sys.executable, __file__, '--_memory', name, variant, '--device', device],
+                         check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--pairs', type=int, default=7, help='interleaved timing rounds (>= 7)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--json', default='bench_overhead.json', help='where to write the results')
+    parser.add_argument('--no-memory', action='store_true', help='skip the per-process peak memory runs')
+    parser.add_argument('--_memory', nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory:
+        print(peak_memory(*args._memory, args.device))
+        return 0
+    if args.pairs < 7:
+        parser.error('--pairs must be >= 7 (median of at least 7 interleaved pairs)')
+
+    results = {'device': args.device, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+               'machine': platform.processor() or platform.machine(), 'pairs': args.pairs, 'models': {}}
+    rows = []
+    for name in args.models:
+        res = time_model(name, args.pairs, args.device)
+        if not args.no_memory:
+            mem = {v: _memory_in_subprocess(name, v, args.device) for v in VARIANTS}
+            res['peak_bytes'] = mem
+            res['memory_ratio'] = {v: mem[v] / mem['plain'] for v in VARIANTS}
+        res['batch_size'] = MODELS[name]
+        res['target_ratio'] = TARGETS[name]
+        results['models'][name] = res
+        mem_cols = (f" | {res['memory_ratio']['timm_tract']:.3f} | {res['memory_ratio']['official']:.3f}"
+                    if 'memory_ratio' in res else ' | - | -')
+        rows.append(f"| {name} | {MODELS[name]} | {res['step_s']['plain']:.3f} | {res['ratio']['timm_tract']:.3f} "
+                    f"(≤ {TARGETS[name]:.2f}) | {res['ratio']['official']:.3f}{mem_cols} |")
+        print(rows[-1], flush=True)
+
+    print(f"\nStep time (forward+backward+SGD) at 224 px on {args.device}, median of {args.pairs} interleaved pairs; "
+          f"ratios to plain timm.")
+    print('| model | batch | plain step (s) | timm-tract / plain (target) | official / plain | '
+          'peak mem timm-tract / plain | peak mem official / plain |')
+    print('|---|---|---|---|---|---|---|')
+    print('\n'.join(rows))
+    with open(args.json, 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f'\nwrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
