@@ -423,7 +423,8 @@ def train(args: argparse.Namespace) -> dict:
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
-    from timm.utils import NativeScaler, distribute_bn, random_seed, trim_summary, update_summary
+    import timm.utils
+    from timm.utils import NativeScaler, distribute_bn, random_seed, update_summary
 
     args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
     if args.grad_accum_steps < 1:
@@ -513,9 +514,11 @@ def train(args: argparse.Namespace) -> dict:
     if primary:
         os.makedirs(output_dir, exist_ok=True)
         saver = _make_saver(task, optimizer, args, loss_scaler, output_dir)
-        if args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
+        resumed_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
+        if resumed_here and hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31: keep best/history
             saver.load_state_dict_from_checkpoint(args.resume)
-        trim_summary(summary_path, start_epoch)
+        if hasattr(timm.utils, 'trim_summary'):  # timm >= 1.0.31: drop summary rows of epochs run again
+            timm.utils.trim_summary(summary_path, start_epoch)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(vars(args), f, default_flow_style=False)
         _logger.info(f'{args.model} / {args.opt}: {num_epochs} epochs from {start_epoch}, lr {args.lr:.4g}, '
