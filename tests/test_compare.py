@@ -53,6 +53,7 @@ def test_speedup_reached():
     assert sp['factor'] == pytest.approx(2.) and not sp['lower_bound']
     assert sp['baseline_top1'] == pytest.approx(71.)
     assert 'Speed-up 2.00x' in sp['text'] and '71.00% at 8 epochs' in sp['text']
+    assert sp['gain_at_largest'] == pytest.approx(4.) and '(+4.00 points)' in sp['text']  # 75 vs 71 at 8 epochs
 
 
 def test_speedup_smallest_budget_is_a_lower_bound():

@@ -85,9 +85,16 @@ def speedup(table: Sequence[dict]) -> dict:
     reached = next((r for r in tract if r['mean'] >= best['mean']), None)
     out = {'baseline_epochs': best['epochs'], 'baseline_top1': best['mean'], 'tract_epochs': None, 'factor': None,
            'lower_bound': False}
+    common = sorted({r['epochs'] for r in base} & {r['epochs'] for r in tract})
+    gain = ''
+    if common:  # the accuracy difference at the largest budget both methods ran
+        b, t = (next(r for r in rows if r['epochs'] == common[-1]) for rows in (base, tract))
+        out['gain_at_largest'] = t['mean'] - b['mean']
+        gain = (f" At {common[-1]} epochs: TrAct {t['mean']:.2f}% vs baseline {b['mean']:.2f}% "
+                f"({t['mean'] - b['mean']:+.2f} points).")
     if reached is None:
         out['text'] = (f"TrAct did not reach the baseline's best mean top-1 ({best['mean']:.2f}% at {best['epochs']} "
-                       f"epochs) within {tract[-1]['epochs']} epochs: no speed-up measured.")
+                       f"epochs) within {tract[-1]['epochs']} epochs: no speed-up measured." + gain)
         return out
     factor = best['epochs'] / reached['epochs']
     lower = reached['epochs'] == tract[0]['epochs']
@@ -95,7 +102,7 @@ def speedup(table: Sequence[dict]) -> dict:
     out['text'] = (f"Speed-up {'≥ ' if lower else ''}{factor:.2f}x: TrAct reaches the baseline's best mean top-1 "
                    f"({best['mean']:.2f}% at {best['epochs']} epochs) after {reached['epochs']} epochs "
                    f"({reached['mean']:.2f}%)" + (' (the smallest budget tried, so the factor is a lower bound).'
-                                                  if lower else '.'))
+                                                  if lower else '.') + gain)
     return out
 
 
@@ -210,7 +217,7 @@ def _machine() -> dict:
             cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), cpu)
     except OSError:
         pass
-    device = f'CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    device = f'CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)'
     if torch.cuda.is_available():
         device = f'GPU {torch.cuda.get_device_name(0)} ({torch.cuda.device_count()}x); ' + device
     return {'device': device, 'platform': platform.platform(), 'python': platform.python_version(),

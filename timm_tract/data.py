@@ -4,8 +4,11 @@ No data set can be downloaded everywhere, so this one is built from pixels that 
 
 * the label is one of scikit-learn's 1,797 handwritten digit scans (`sklearn.datasets.load_digits`, 8×8, 10 classes,
   ≈180 scans per class),
-* the background is a random crop of one of scikit-image's bundled sample photographs (`skimage.data`),
-* each image then gets its own exposure: contrast ×[0.15, 1] (log-uniform) and a brightness offset that keeps the
+* the background is a random crop (40–160 px, resized to 32, random flip) of one of 14 scikit-image sample
+  photographs (`skimage.data`: scenes, textures, micrographs), its own contrast scaled by 0.3–0.7,
+* the digit (resized to 22–30 px, random position) is inked over it in the complement of the background's mean colour
+  (jittered), opacity 0.85–1,
+* each image then gets its own exposure: contrast ×[0.2, 1] (log-uniform) and a brightness offset that keeps the
   pixels in range, so, like real photographs, images differ widely in contrast and brightness (the condition under
   which plain first-layer gradients are poorly scaled and TrAct helps).
 
