@@ -12,7 +12,9 @@ import torch.nn as nn
 
 __all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'TEMPLATE_DIR']
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
+# installed wheel: packaged as timm_tract/model_cards; source checkout / editable install: model_cards/ at the top
+_PACKAGED_TEMPLATES = Path(__file__).resolve().parent / 'model_cards'
+TEMPLATE_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else Path(__file__).resolve().parent.parent / 'model_cards'
 
 TRACT_PAPER = 'arXiv:2410.23970'
 _TRACT_BIBTEX = """@inproceedings{petersen2024tract,
