@@ -308,3 +308,24 @@ def test_onnx_export_gives_base_outputs(arch, tmp_path):
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), base.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_published_manifest_entries_become_tract_tags(tmp_path):
+    """An entry of timm_tract's published-weights manifest becomes `<arch>_tract.<tag>` with its Hub id and data cfg,
+    marked as trained WITH TrAct, next to the base's tags (whose default stays the default)."""
+    from timm.models import generate_default_cfgs
+    from timm_tract.models._builder import _twin_cfgs
+    from timm_tract.published import published_cfgs
+
+    manifest = tmp_path / 'published.json'
+    manifest.write_text(json.dumps([{
+        'model': 'resnet18_tract.tract_digits', 'hf_hub_id': 'org/resnet18_tract.tract_digits', 'num_classes': 10,
+        'input_size': [3, 32, 32], 'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]}]))
+    cfgs = _twin_cfgs('resnet18', published_cfgs(manifest)['resnet18_tract'])
+    default = generate_default_cfgs(cfgs)['resnet18_tract']
+    cfg = default.cfgs['tract_digits']
+    assert cfg.hf_hub_id == 'org/resnet18_tract.tract_digits' and cfg.has_weights
+    assert cfg.num_classes == 10 and cfg.input_size == (3, 32, 32) and cfg.mean == (0.5, 0.5, 0.5)
+    assert cfg.first_conv == 'conv1' and cfg.url == '' and 'WITH TrAct' in cfg.description
+    base_default = next(iter(get_arch_pretrained_cfgs('resnet18'))).split('.', 1)[1]
+    assert default.tags[0] == base_default

@@ -29,6 +29,7 @@ from timm.models import (
 
 from ..functional import DEFAULT_LAMBDA, check_lambda
 from ..layers import apply_tract, is_tract_layer
+from ..published import published_cfgs
 
 __all__ = ['TrActPretrainedCfg', 'TRACT_PAPER_ID', 'register_tract_family', 'tract_base_arch']
 
@@ -90,8 +91,19 @@ def _twin_cfg(base_name: str, base_cfg: PretrainedCfg) -> TrActPretrainedCfg:
     )
 
 
-def _twin_cfgs(arch: str) -> Dict[str, TrActPretrainedCfg]:
-    """{'<arch>_tract.<tag>': cfg} for every tag of `arch`, the base's default tag marked default ('*')."""
+def _published_cfg(twin: str, tag: str, fields: Dict[str, Any], base_cfg: PretrainedCfg) -> TrActPretrainedCfg:
+    """Cfg of weights timm-tract published (trained WITH TrAct): the base's family cfg with the manifest's fields."""
+    return _to_tract_cfg(
+        base_cfg,
+        url='', file=None, state_dict=None, hf_hub_filename=None, source=None, custom_load=False,
+        architecture=None, tag=None, tract_lambda=DEFAULT_LAMBDA,
+        description=f'`{twin}.{tag}`: trained WITH TrAct ({TRACT_PAPER_ID}) and published by timm-tract.',
+        paper_ids=(TRACT_PAPER_ID,), notes=(), **fields)
+
+
+def _twin_cfgs(arch: str, published: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, TrActPretrainedCfg]:
+    """{'<arch>_tract.<tag>': cfg} for every tag of `arch`, the base's default tag marked default ('*'), plus the
+    tags of `published` ({tag: cfg fields} from timm_tract's published-weights manifest)."""
     twin = arch + _SUFFIX
     out = {}
     for i, (base_name, base_cfg) in enumerate(get_arch_pretrained_cfgs(arch).items()):
@@ -102,6 +114,9 @@ def _twin_cfgs(arch: str) -> Dict[str, TrActPretrainedCfg]:
         out[key] = _twin_cfg(base_name, base_cfg)
     if not out:  # a base without any cfg: a weight-less twin cfg with timm's defaults
         out[twin] = _to_tract_cfg(PretrainedCfg(), paper_ids=(TRACT_PAPER_ID,))
+    family_cfg = next(iter(out.values()))
+    for tag, fields in (published or {}).items():
+        out[f'{twin}.{tag}'] = _published_cfg(twin, tag, fields, family_cfg)
     return out
 
 
@@ -128,9 +143,10 @@ def register_tract_family(module_name: str, family: str, exclude: Tuple[str, ...
     """
     module = sys.modules[module_name]
     archs = [a for a in list_models(module=family) if a not in exclude and not a.endswith(_SUFFIX)]
+    published = published_cfgs()
     cfgs: Dict[str, TrActPretrainedCfg] = {}
     for arch in archs:
-        cfgs.update(_twin_cfgs(arch))
+        cfgs.update(_twin_cfgs(arch, published.get(arch + _SUFFIX)))
     module.default_cfgs = generate_default_cfgs(cfgs)  # register_model reads these by entrypoint name
     twins = []
     for arch in archs:
