@@ -232,13 +232,14 @@ def test_functional_forms_match_layers():
     assert torch.allclose(w.grad, _grads(lin, x, gy)[0], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize('budget', [64, 700, 5000])
+@pytest.mark.parametrize('budget', [64, 700, 2000])
 def test_chunked_gram_is_exact_and_bounded(monkeypatch, budget):
     """XᵀX accumulated in chunks (multi-image chunks, one image, bands of rows) equals the one-shot product, and no
     unfold call exceeds the budget (fixed extra memory whatever the batch size)."""
     torch.manual_seed(0)
     x = torch.randn(5, 3, 13, 11, dtype=torch.float64)
-    geom = TF.conv_geometry((4, 3, 3, 3), 3, stride=2, padding=1)
+    geom = TF.conv_geometry((4, 3, 3, 3), 3, stride=2, padding=1, dilation=2)  # dilated: the unfold path
+    assert not TF._uses_shifted_gram(geom)
     full, n_full = TF.patch_gram(x, geom)
     biggest = []
     unfold = F.unfold
@@ -251,10 +252,10 @@ def test_chunked_gram_is_exact_and_bounded(monkeypatch, budget):
     monkeypatch.setattr(TF, '_CHUNK_ELEMENTS', budget)
     monkeypatch.setattr(TF.F, 'unfold', counting_unfold)
     chunked, n_chunked = TF.patch_gram(x, geom)
-    assert n_chunked == n_full == 5 * 7 * 6
+    assert n_chunked == n_full == 5 * 6 * 5
     assert torch.allclose(chunked, full, rtol=1e-12, atol=1e-12)
     n = 27
-    assert max(biggest) <= max(budget, n * 6)  # at most the budget, or one output row of one image
+    assert max(biggest) <= max(budget, n * 5)  # at most the budget, or one output row of one image
     assert len(biggest) > 1
 
 
@@ -303,3 +304,26 @@ def test_symmetric_strip_gram_matches_full_product(groups):
     cols = F.unfold(x, 16, stride=16).view(3, groups, 768, -1).permute(1, 2, 0, 3).reshape(groups, 768, -1)
     assert rows == 3 * 4 * 3
     assert torch.allclose(gram, cols @ cols.transpose(1, 2), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,size', [
+    ((7, 7), (2, 2), 3, (20, 17)),  # ResNet stem
+    ((3, 3), (2, 2), 1, (9, 9)),  # deep-stem / overlapping ConvNeXt stems
+    ((3, 5), (1, 2), (1, 2), (8, 11)),
+    ((5, 3), (3, 1), 0, (13, 12)),
+    ((2, 3), (1, 1), 0, (5, 6)),
+])
+@pytest.mark.parametrize('budget', [None, 100])
+def test_shifted_gram_matches_unfolded_product(monkeypatch, kernel, stride, padding, size, budget):
+    """Overlapping stems take the shift-based XᵀX (no kh·kw unfold), also in bands of rows: exact against the unfold."""
+    if budget:
+        monkeypatch.setattr(TF, '_CHUNK_ELEMENTS', budget)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, *size, dtype=torch.float64)
+    geom = TF.conv_geometry((4, 2) + kernel, 2, stride=stride, padding=padding, padding_mode='reflect')
+    assert TF._uses_shifted_gram(geom)
+    gram, rows = TF.patch_gram(x, geom)
+    cols = F.unfold(F.pad(x, geom.pad, mode='reflect'), kernel, stride=stride)
+    flat = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    assert rows == flat.shape[0]
+    assert torch.allclose(gram[0], flat.T @ flat, rtol=1e-12, atol=1e-10)

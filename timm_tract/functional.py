@@ -132,10 +132,15 @@ def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> 
         out = x.new_zeros((g, n, n), dtype=dtype)
     if num_rows == 0:
         return out, 0
+    shifted = None
+    row_elements = n * g * w_out  # materialized elements per output row of one image
+    if not keep_rows and _uses_shifted_gram(geom):
+        shifted = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
+        row_elements = shifted.m * shifted.t_max
     # chunk = whole images while they fit the budget, else bands of output rows of one image
-    per_image = n * g * h_out * w_out
+    per_image = row_elements * h_out
     images_per_chunk = max(1, _CHUNK_ELEMENTS // per_image)
-    rows_per_band = h_out if per_image <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // (n * g * w_out))
+    rows_per_band = h_out if per_image <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // row_elements)
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
@@ -144,15 +149,94 @@ def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> 
         for r0 in range(0, h_out, rows_per_band):
             r = min(rows_per_band, h_out - r0)
             band = xb[:, :, r0 * sh: r0 * sh + (r - 1) * sh + dh * (kh - 1) + 1]
-            cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
-            cols = cols.view(cols.shape[0], g, n, -1)  # (b, g, n, L)
             if keep_rows:
-                rows = cols.permute(1, 0, 3, 2).reshape(g, -1, n)
+                cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+                rows = cols.view(cols.shape[0], g, n, -1).permute(1, 0, 3, 2).reshape(g, -1, n)
                 out[:, row:row + rows.shape[1]] = rows
                 row += rows.shape[1]
+            elif shifted is not None:
+                shifted.add(band)
             else:
-                _accumulate_gram(out, cols)
-    return (out if keep_rows else _mirror_gram(out)), num_rows
+                cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+                _accumulate_gram(out, cols.view(cols.shape[0], g, n, -1))  # (b, g, n, L)
+    if keep_rows:
+        return out, num_rows
+    return (shifted.gram()[None] if shifted is not None else _mirror_gram(out)), num_rows
+
+
+def _uses_shifted_gram(geom: _ConvGeometry) -> bool:
+    """Overlapping patches along the width (kw > sw), no dilation, one group: `_shifted_gram` does fewer flops."""
+    return geom.groups == 1 and geom.dilation == (1, 1) and geom.kernel_size[1] > geom.stride[1]
+
+
+class _ShiftedGram:
+    """Exact XᵀX (n, n) of the patches of padded inputs (b, C, H, W) (no dilation, one group), accumulated chunk by
+    chunk without unfolding the kh·kw patches.
+
+    With column j = sw·u + a (phase a < sw, shift u < U = ceil(kw/sw)), patch entry (c, i, j) at output (p, q) is
+    V[b, p, q + u][c, i, a] with V[b, p, t][c, i, a] = xp[b, c, sh·p + i, sw·t + a]: only this vertical unfold V
+    (C·kh·sw columns, about sw·U/kw of the full unfold's kw) is materialized, one chunk at a time. For δ = u - u' ≥ 0
+    the (u, u') block is Σ_{t=u'}^{u'+W_out-1} V[t+δ]ᵀV[t] = M_δ - Σ_{t<u'} E(δ,t) + Σ_{t=W_out}^{W_out+u'-1} E(δ,t),
+    with M_δ = Σ_{t<W_out} V[t+δ]ᵀV[t] (U GEMMs over all rows: U·(C·kh·sw)² instead of (C·kh·kw)² flops per row,
+    e.g. 4·42² = 7056 vs 147² = 21609 for the 7×7 stride-2 ResNet stem)
+    and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge terms; blocks with u < u' are transposes.
+    """
+
+    def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int, dtype, device):
+        (self.kh, self.kw), (self.sh, self.sw) = kernel_size, stride
+        self.chans = chans
+        self.w_out = (w_in - self.kw) // self.sw + 1
+        self.shifts = -(-self.kw // self.sw)  # U
+        self.t_max = self.w_out + self.shifts - 1
+        self.m = chans * self.kh * self.sw
+        # edge pairs (δ, t): t < U-1 or W_out <= t < W_out+U-1, t+δ < T
+        self.edges = [(d, t) for d in range(self.shifts) for t in
+                      list(range(self.shifts - 1)) + list(range(self.w_out, self.w_out + self.shifts - 1))
+                      if t + d < self.t_max]
+        self.main = torch.zeros((self.shifts, self.m, self.m), dtype=dtype, device=device)
+        self.edge = torch.zeros((len(self.edges), self.m, self.m), dtype=dtype, device=device)
+
+    def add(self, xp: torch.Tensor) -> None:
+        """Accumulate the patches of xp (b, C, H, W), already padded, H covering whole output rows."""
+        b = xp.shape[0]
+        h_out = (xp.shape[2] - self.kh) // self.sh + 1
+        width = self.sw * self.t_max
+        xp = xp[:, :, :self.sh * (h_out - 1) + self.kh, :width]  # rows/columns no patch reaches
+        if xp.shape[3] < width:  # columns only phantom taps j ≥ kw reach (dropped in `gram`)
+            xp = F.pad(xp, (0, width - xp.shape[3]))
+        v = xp.reshape(b, self.chans, xp.shape[2], self.t_max, self.sw).unfold(2, self.kh, self.sh)
+        v = v.permute(0, 2, 3, 1, 5, 4).reshape(-1, self.m)  # rows (b, p, t), columns (c, i, a)
+        blocks, t_max, m = b * h_out, self.t_max, self.m
+        length = v.shape[0] - (self.shifts - 1)
+        v3 = v.view(blocks, t_max, m)
+        # right operand: rows with t ≥ W_out zeroed, so the flat products below sum exactly over the windows t < W_out
+        # (a left row r + d may run into the next block: it is multiplied by such a zero row)
+        window = v3.clone()
+        window[:, self.w_out:] = 0
+        window = window.view(-1, m)[:length]
+        for d in range(self.shifts):
+            self.main[d].addmm_(v[d:d + length].T, window)
+        if self.edges:
+            left = torch.stack([v3[:, t + d] for d, t in self.edges])  # (P, blocks, m)
+            right = torch.stack([v3[:, t] for _, t in self.edges])
+            self.edge.baddbmm_(left.transpose(1, 2), right)
+
+    def gram(self) -> torch.Tensor:
+        """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
+        u_count, w_out = self.shifts, self.w_out
+        edge = {key: self.edge[k] for k, key in enumerate(self.edges)}
+        gram4 = self.main.new_empty((self.m, u_count, self.m, u_count))  # [(c, i, a), u, (c', i', a'), u']
+        for d in range(u_count):
+            for u_prime in range(u_count - d):
+                block = self.main[d].clone()
+                for t in range(u_prime):
+                    block += edge[(d, w_out + t)] - edge[(d, t)]
+                gram4[:, u_prime + d, :, u_prime] = block
+                gram4[:, u_prime, :, u_prime + d] = block.T
+        j = torch.arange(self.kw, device=gram4.device)  # (c, i, a, u) -> (c, i, j = sw·u + a), no phantom taps
+        index = ((torch.arange(self.chans * self.kh, device=j.device)[:, None] * self.sw + j % self.sw) * u_count
+                 + j // self.sw).reshape(-1)
+        return gram4.reshape(self.m * u_count, -1)[index][:, index]
 
 
 def _linear_patch_stats(x: torch.Tensor, keep_rows: bool) -> Tuple[torch.Tensor, int]:
