@@ -254,13 +254,15 @@ def build_report(
 # ---------------------------------------------------------------------------------------------------------------
 # arguments and the runs
 
-# Defaults of the no-argument run (embedded data, ~5 min on 2 CPU cores), measured: see README "timm-tract compare".
-DEFAULT_MODEL = 'test_resnet'
-DEFAULT_BUDGETS = (4, 8, 16)
+# Defaults of the no-argument run (embedded data, ~6 min on 2 CPU cores), measured: see README "timm-tract compare".
+DEFAULT_MODEL = 'resnet18'
+DEFAULT_MODEL_KWARGS = {'channels': (16, 32, 64, 128), 'stem_width': 32}  # a narrow ResNet-18 (only for DEFAULT_MODEL)
+DEFAULT_BUDGETS = (12, 16)
 DEFAULT_SEEDS = (0, 1, 2)
 _COMPARE_DEFAULTS = dict(
-    model=DEFAULT_MODEL, opt='sgd', lr=0.05, batch_size=32, weight_decay=5e-4, sched='cosine', sched_on_updates=True,
-    warmup_epochs=0, smoothing=0., no_aug=True, workers=0, checkpoint_hist=1, log_interval=10 ** 6, tract_lambda=0.1,
+    model=DEFAULT_MODEL, model_kwargs=DEFAULT_MODEL_KWARGS, opt='sgd', lr=0.1, batch_size=32, weight_decay=5e-4,
+    sched='cosine', sched_on_updates=True, warmup_epochs=0, smoothing=0., no_aug=True, workers=0, checkpoint_hist=1,
+    log_interval=10 ** 6, tract_lambda=0.1,
 )
 # only when the embedded data is used (a user's own data keeps the model's crop and normalisation)
 _EMBEDDED_DATA_DEFAULTS = dict(img_size=32, crop_pct=1.0)
@@ -380,6 +382,8 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     from .train import build_train_parser, train
 
     args = argparse.Namespace(**vars(args))
+    if args.model_kwargs is DEFAULT_MODEL_KWARGS:  # --model-kwargs not given: the narrow widths fit DEFAULT_MODEL only
+        args.model_kwargs = dict(DEFAULT_MODEL_KWARGS) if args.model == DEFAULT_MODEL else {}
     _check_args(args)
     flags = _twin(args)
     data_label = _resolve_data(args)
@@ -416,7 +420,8 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
         print(f'[{i}/{len(jobs)}] {run_name} ({ns.model}, {ns.opt}): top-1 {history[-1]["eval_top1"]:.2f}% '
               f'in {wall:.1f} s', file=sys.stderr, flush=True)
 
-    recipe = (f"{args.opt} lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, {args.sched} "
+    recipe = (f"{f'model kwargs {args.model_kwargs}, ' if args.model_kwargs else ''}"
+              f"{args.opt} lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, {args.sched} "
               f"schedule{' per update' if args.sched_on_updates else ''}, warmup {args.warmup_epochs} epochs, "
               f"label smoothing {args.smoothing}, {'no augmentation' if args.no_aug else 'timm augmentation'}, "
               f"TrAct λ {args.tract_lambda} via {args.tract_via}")
