@@ -77,6 +77,14 @@ def _conv_pad(
     return (pw, pw, ph, ph)
 
 
+def _conv_out_size(x: torch.Tensor, geom: _ConvGeometry) -> Tuple[int, int]:
+    """(H_out, W_out) of the conv on x (B, C, H, W)."""
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    h = x.shape[2] + geom.pad[2] + geom.pad[3]
+    w = x.shape[3] + geom.pad[0] + geom.pad[1]
+    return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+
+
 def _gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -121,10 +129,8 @@ def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> 
     n = cg * geom.kernel_size[0] * geom.kernel_size[1]
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
     pad_mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
-    h = x.shape[2] + geom.pad[2] + geom.pad[3]
     w = x.shape[3] + geom.pad[0] + geom.pad[1]
-    h_out = (h - dh * (kh - 1) - 1) // sh + 1
-    w_out = (w - dw * (kw - 1) - 1) // sw + 1
+    h_out, w_out = _conv_out_size(x, geom)
     num_rows = batch * h_out * w_out
     if keep_rows:
         out = x.new_empty((g, num_rows, n), dtype=dtype)
@@ -349,7 +355,7 @@ class _TrActWeightGrad(torch.autograd.Function):
             return None, None, None, None, None
         x, = ctx.saved_tensors
         n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
-        num_rows = x[..., 0].numel() if ctx.geom is None else _conv_rows(x, ctx.geom)
+        num_rows = x[..., 0].numel() if ctx.geom is None else x.shape[0] * math.prod(_conv_out_size(x, ctx.geom))
         rows_form = num_rows < n and not ctx.sync_gram
         with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
             if ctx.geom is None:
@@ -362,11 +368,6 @@ class _TrActWeightGrad(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _conv_rows(x: torch.Tensor, geom: _ConvGeometry) -> int:
-    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
-    h = x.shape[2] + geom.pad[2] + geom.pad[3]
-    w = x.shape[3] + geom.pad[0] + geom.pad[1]
-    return x.shape[0] * ((h - dh * (kh - 1) - 1) // sh + 1) * ((w - dw * (kw - 1) - 1) // sw + 1)
 
 
 def _tract_weight(weight: torch.Tensor, x: torch.Tensor, geom, tract_lambda: float, sync_gram: bool) -> torch.Tensor:
