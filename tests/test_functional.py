@@ -238,7 +238,7 @@ def test_chunked_gram_is_exact_and_bounded(monkeypatch, budget):
     unfold call exceeds the budget (fixed extra memory whatever the batch size)."""
     torch.manual_seed(0)
     x = torch.randn(5, 3, 13, 11, dtype=torch.float64)
-    geom = TF.conv_geometry((4, 3, 3, 3), 3, stride=2, padding=1, dilation=2)  # dilated: the unfold path
+    geom = TF.conv_geometry((4, 3, 3, 3), stride=2, padding=1, dilation=2)  # dilated: the unfold path
     assert not TF._uses_shifted_gram(geom)
     full, n_full = TF.patch_gram(x, geom)
     biggest = []
@@ -298,7 +298,7 @@ def test_symmetric_strip_gram_matches_full_product(groups):
     torch.manual_seed(0)
     c = 3 * groups
     x = torch.randn(3, c, 64, 48, dtype=torch.float64)
-    geom = TF.conv_geometry((4, 3, 16, 16), c, stride=16, groups=groups)
+    geom = TF.conv_geometry((4, 3, 16, 16), stride=16, groups=groups)
     gram, rows = TF.patch_gram(x, geom)
     assert TF._gram_strips(768) != (0, 768)  # the strip path is the one under test
     cols = F.unfold(x, 16, stride=16).view(3, groups, 768, -1).permute(1, 2, 0, 3).reshape(groups, 768, -1)
@@ -320,7 +320,7 @@ def test_shifted_gram_matches_unfolded_product(monkeypatch, kernel, stride, padd
         monkeypatch.setattr(TF, '_CHUNK_ELEMENTS', budget)
     torch.manual_seed(0)
     x = torch.randn(3, 2, *size, dtype=torch.float64)
-    geom = TF.conv_geometry((4, 2) + kernel, 2, stride=stride, padding=padding, padding_mode='reflect')
+    geom = TF.conv_geometry((4, 2) + kernel, stride=stride, padding=padding, padding_mode='reflect')
     assert TF._uses_shifted_gram(geom)
     gram, rows = TF.patch_gram(x, geom)
     cols = F.unfold(F.pad(x, geom.pad, mode='reflect'), kernel, stride=stride)

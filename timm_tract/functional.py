@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ['tract_conv2d', 'tract_linear', 'patch_gram', 'tract_precondition', 'DEFAULT_LAMBDA']
+__all__ = ['tract_conv2d', 'tract_linear', 'patch_gram', 'conv_geometry', 'tract_precondition', 'check_lambda',
+           'DEFAULT_LAMBDA']
 
 DEFAULT_LAMBDA = 0.1
 
@@ -368,8 +369,6 @@ class _TrActWeightGrad(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-
-
 def _tract_weight(weight: torch.Tensor, x: torch.Tensor, geom, tract_lambda: float, sync_gram: bool) -> torch.Tensor:
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight
@@ -378,13 +377,14 @@ def _tract_weight(weight: torch.Tensor, x: torch.Tensor, geom, tract_lambda: flo
 
 def conv_geometry(
         weight_shape: Sequence[int],
-        in_channels: int,
         stride: _IntPair = 1,
         padding: Union[str, _IntPair] = 0,
         dilation: _IntPair = 1,
         groups: int = 1,
         padding_mode: str = 'zeros',
 ) -> _ConvGeometry:
+    """How a conv with weight (C_out, C_in/groups, kh, kw) and these nn.Conv2d settings cuts its input into patches
+    (the `geom` of `patch_gram`)."""
     kernel_size = tuple(weight_shape[2:])
     dilation = _pair(dilation)
     return _ConvGeometry(
@@ -423,7 +423,7 @@ def tract_conv2d(
     if x.dim() == 3:
         return tract_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, tract_lambda,
                             padding_mode, sync_gram).squeeze(0)
-    geom = conv_geometry(weight.shape, x.shape[1], stride, padding, dilation, groups, padding_mode)
+    geom = conv_geometry(weight.shape, stride, padding, dilation, groups, padding_mode)
     w = _tract_weight(weight, x, geom, tract_lambda, sync_gram)
     if padding_mode != 'zeros':
         return F.conv2d(F.pad(x, geom.pad, mode=padding_mode), w, bias, stride, 0, dilation, groups)
