@@ -185,6 +185,12 @@ def _make_handler(hub: FakeHub):
                 self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
             return sha
 
+        def _repo_rev(self, repo_id: str, rev: str) -> Tuple[Optional[_Repo], Optional[str]]:
+            """(repo, commit sha) or, after sending the 404, (None, None)."""
+            repo = self._repo(repo_id)
+            sha = self._rev(repo, rev) if repo is not None else None
+            return (repo, sha) if sha is not None else (None, None)
+
         # ---- routes
         def create_repo(self, m, q, body):
             data = json.loads(body or b'{}')
@@ -270,10 +276,7 @@ def _make_handler(hub: FakeHub):
             self._send(200, {})
 
         def resolve(self, m, q, body):
-            repo = self._repo(m['repo'])
-            if repo is None:
-                return
-            sha = self._rev(repo, m['rev'])
+            repo, sha = self._repo_rev(m['repo'], m['rev'])
             if sha is None:
                 return
             path = urllib.parse.unquote(m['path'])
@@ -293,20 +296,14 @@ def _make_handler(hub: FakeHub):
             self._send(200, raw=data, headers=headers, length=len(f.data) if self.command == 'HEAD' else None)
 
         def model_info(self, m, q, body):
-            repo = self._repo(m['repo'])
-            if repo is None:
-                return
-            sha = self._rev(repo, m['rev'] or 'main')
+            repo, sha = self._repo_rev(m['repo'], m['rev'] or 'main')
             if sha is None:
                 return
             self._send(200, {'id': repo.repo_id, 'modelId': repo.repo_id, 'sha': sha, 'private': repo.private,
                              'siblings': [{'rfilename': p} for p in sorted(repo.commits[sha])]})
 
         def tree(self, m, q, body):
-            repo = self._repo(m['repo'])
-            if repo is None:
-                return
-            sha = self._rev(repo, m['rev'])
+            repo, sha = self._repo_rev(m['repo'], m['rev'])
             if sha is None:
                 return
             entries = []

@@ -14,14 +14,7 @@ import timm_tract  # noqa: F401  (registers the tract-* optimizers)
 from timm_tract import apply_tract, is_tract_layer
 from timm_tract.optim import find_model_of_params, register_tract_optimizers, _module_parent, _param_owner
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def _tiny_resnet(seed=0, **kw):

@@ -9,33 +9,18 @@ import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
 from timm.models import load_state_dict
 from timm.utils import load_checkpoint_metadata
 
 import timm_tract.train as tract_train
 from timm_tract.train import TrainError, build_train_parser, train
 
+from _train_helpers import one_thread, write_image_folder  # noqa: F401 (autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write_image_folder(root: Path, n_train: int = 6, n_val: int = 2, classes: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (('train', n_train), ('validation', n_val)):
-        for c in range(classes):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(count):
-                img = np.full((16, 16, 3), 40 + 80 * c, np.int64) + rng.integers(-40, 40, (16, 16, 3))
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f'{i}.png')
-    return root
+    return write_image_folder(root, n_train, n_val, classes)
 
 
 @pytest.fixture(scope='module')

@@ -10,30 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from timm.models import load_state_dict
 from timm.utils import random_seed
 
 from timm_tract.train import build_train_parser, train
+
+from _train_helpers import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _image_folder(root: Path, n_train: int, n_val: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (('train', n_train), ('validation', n_val)):
-        for c in range(2):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(count):
-                img = np.full((16, 16, 3), 60 + 120 * c, np.int64) + rng.integers(-50, 50, (16, 16, 3))
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f'{i}.png')
-    return root
+    return write_image_folder(root, n_train, n_val, base=60, step=120, noise=50)
 
 
 def _argv(data: Path, out: Path, name: str, batch: int, sync: bool):
