@@ -71,11 +71,17 @@ def checkpoint_weights(run: Path, name: str = 'model_best.pth.tar', key: str = '
 
 
 def reference_logits(arch: str, sd, num_classes: int, **kwargs) -> torch.Tensor:
-    """Plain timm base model with the checkpoint's weights, on a fixed input."""
+    """Plain timm base model with the checkpoint's weights, on a fixed input, computed with one thread like the
+    subprocesses of `subprocess_env` (bitwise comparisons must not depend on this process's threading state)."""
     model = timm.create_model(arch, num_classes=num_classes, **kwargs).eval()
     model.load_state_dict(sd)
-    with torch.no_grad():
-        return model(fixed_input())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(fixed_input())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fixed_input() -> torch.Tensor:
@@ -85,7 +91,7 @@ def fixed_input() -> torch.Tensor:
 def subprocess_env(hub_url: str, hf_home: Path, offline: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE'))}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET='1', HF_HUB_DISABLE_TELEMETRY='1',
-               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=str(REPO_ROOT))
+               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
     if offline:
         env['HF_HUB_OFFLINE'] = '1'
     return env
