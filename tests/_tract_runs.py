@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -70,18 +71,18 @@ def checkpoint_weights(run: Path, name: str = 'model_best.pth.tar', key: str = '
     return timm.utils.load_checkpoint_metadata(str(run / name))[key]
 
 
-def reference_logits(arch: str, sd, num_classes: int, **kwargs) -> torch.Tensor:
-    """Plain timm base model with the checkpoint's weights, on a fixed input, computed with one thread like the
-    subprocesses of `subprocess_env` (bitwise comparisons must not depend on this process's threading state)."""
+def reference_logits(arch: str, sd, num_classes: int, threads: Optional[int] = None, **kwargs) -> torch.Tensor:
+    """Plain timm base model with the checkpoint's weights, on a fixed input. `threads=1` matches the subprocesses of
+    `subprocess_env` (one thread), so a bitwise comparison with them does not depend on this process's threading."""
     model = timm.create_model(arch, num_classes=num_classes, **kwargs).eval()
     model.load_state_dict(sd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         with torch.no_grad():
             return model(fixed_input())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def fixed_input() -> torch.Tensor:
