@@ -3,7 +3,8 @@ architecture has a twin `<arch>_tract` (e.g. `timm.create_model('resnet50_tract'
 layer is a TrAct layer (Petersen et al., NeurIPS 2024, arXiv:2410.23970), with pretrained tags `<arch>_tract.<tag>`
 that load timm's `<arch>.<tag>` weights (trained without TrAct).
 """
-from ._builder import TRACT_PAPER_ID, TrActPretrainedCfg, tract_base_arch
+from ..naming import TRACT_PAPER_ID, tract_base_arch
+from ._builder import TrActPretrainedCfg
 from . import tract_resnet, tract_convnext, tract_vision_transformer, tract_deit
 
 __all__ = ['TRACT_PAPER_ID', 'TrActPretrainedCfg', 'tract_base_arch']

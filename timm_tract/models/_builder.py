@@ -29,26 +29,17 @@ from timm.models import (
 
 from ..functional import DEFAULT_LAMBDA, check_lambda
 from ..layers import apply_tract, is_tract_layer
+from ..naming import TRACT_PAPER_ID, _register_twin, tract_base_arch, twin_name
 from ..published import published_cfgs
 
 __all__ = ['TrActPretrainedCfg', 'TRACT_PAPER_ID', 'register_tract_family', 'tract_base_arch']
 
-TRACT_PAPER_ID = 'arXiv:2410.23970'
-_TRACT_PAPER = 'TrAct: Making First-layer Pre-Activations Trainable (Petersen, Borgelt, Ermon, NeurIPS 2024)'
-_SUFFIX = '_tract'
-
-_TWIN_TO_BASE: Dict[str, str] = {}  # '<arch>_tract' -> '<arch>'
 
 
 @dataclass
 class TrActPretrainedCfg(PretrainedCfg):
     """timm's PretrainedCfg plus the TrAct λ the twin is built with (the `tract_lambda` create_model kwarg wins)."""
     tract_lambda: float = DEFAULT_LAMBDA
-
-
-def tract_base_arch(model_name: str) -> Optional[str]:
-    """The timm architecture a registered twin mirrors ('resnet50_tract.a1_in1k' -> 'resnet50'); None otherwise."""
-    return _TWIN_TO_BASE.get(split_model_name_tag(model_name)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +95,7 @@ def _published_cfg(twin: str, tag: str, fields: Dict[str, Any], base_cfg: Pretra
 def _twin_cfgs(arch: str, published: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, TrActPretrainedCfg]:
     """{'<arch>_tract.<tag>': cfg} for every tag of `arch`, the base's default tag marked default ('*'), plus the
     tags of `published` ({tag: cfg fields} from timm_tract's published-weights manifest)."""
-    twin = arch + _SUFFIX
+    twin = twin_name(arch)
     out = {}
     for i, (base_name, base_cfg) in enumerate(get_arch_pretrained_cfgs(arch).items()):
         tag = split_model_name_tag(base_name)[1]
@@ -142,16 +133,16 @@ def register_tract_family(module_name: str, family: str, exclude: Tuple[str, ...
     Sets `default_cfgs` and one attribute per entrypoint on that module. Returns the twin names.
     """
     module = sys.modules[module_name]
-    archs = [a for a in list_models(module=family) if a not in exclude and not a.endswith(_SUFFIX)]
+    archs = [a for a in list_models(module=family) if a not in exclude and tract_base_arch(a) is None]
     published = published_cfgs()
     cfgs: Dict[str, TrActPretrainedCfg] = {}
     for arch in archs:
-        cfgs.update(_twin_cfgs(arch, published.get(arch + _SUFFIX)))
+        cfgs.update(_twin_cfgs(arch, published.get(twin_name(arch))))
     module.default_cfgs = generate_default_cfgs(cfgs)  # register_model reads these by entrypoint name
     twins = []
     for arch in archs:
-        twin = arch + _SUFFIX
-        _TWIN_TO_BASE[twin] = arch
+        twin = twin_name(arch)
+        _register_twin(twin, arch)
         fn = register_model(_make_entrypoint(twin, arch, module_name))
         setattr(module, twin, fn)
         twins.append(twin)
@@ -278,7 +269,7 @@ def _with_build_redirect(entrypoint: types.FunctionType, build_fn: Callable[...,
 
 def _create_tract(twin: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build twin `twin` ('<arch>_tract') through timm's entrypoint and family builder for `<arch>`."""
-    base = _TWIN_TO_BASE[twin]
+    base = tract_base_arch(twin)
     tract_lambda = kwargs.pop('tract_lambda', None)
     if tract_lambda is not None:
         check_lambda(tract_lambda)
