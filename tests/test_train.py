@@ -12,6 +12,7 @@ import yaml
 from timm.models import load_state_dict
 from timm.utils import load_checkpoint_metadata
 
+import timm_tract
 import timm_tract.train as tract_train
 from timm_tract.train import TrainError, build_train_parser, train
 
@@ -90,15 +91,27 @@ def test_bad_input_gives_a_clear_error(data_dir, tmp_path, change, match):
 
 @pytest.mark.parametrize('model,opt,where', [
     ('resnet18_tract', 'sgd', 'model'), ('resnet18', 'tract-sgd', 'opt'), ('resnet18', 'lookahead_tract-adamw', 'opt'),
+    ('resnet18_tract', 'tract-sgd', 'model'),
 ])
 def test_tract_lambda_goes_where_tract_is_used(model, opt, where):
+    """Decided from the built model (has it a TrAct layer?) and the optimizer name, not from the model name."""
     args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda', '0.05',
                                             '--model-kwargs', 'drop_block_rate=0.1'])
-    model_kwargs, opt_kwargs = tract_train._route_tract_lambda(args)
-    expected = {'drop_block_rate': 0.1, **({'tract_lambda': 0.05} if where == 'model' else {})}
-    assert model_kwargs == expected
+    built = timm.create_model(model, device='meta')
+    opt_kwargs = tract_train._route_tract_lambda(args, built)
+    layers = [m for m in built.modules() if timm_tract.is_tract_layer(m)]
     assert opt_kwargs == ({'tract_lambda': 0.05} if where == 'opt' else {})
+    assert [m.tract_lambda for m in layers] == ([0.05] if where == 'model' else [])
     assert args.model_kwargs == {'drop_block_rate': 0.1} and args.opt_kwargs == {}  # args (args.yaml) untouched
+
+
+def test_tract_lambda_follows_the_built_model_not_its_name():
+    """An hf-hub:/local-dir: model of a TrAct run names its base arch; a model with a TrAct layer still gets λ."""
+    args = build_train_parser().parse_args(['--model', 'local-dir:/somewhere', '--opt', 'sgd', '--tract-lambda', '0.2'])
+    built = timm_tract.apply_tract(timm.create_model('resnet18', device='meta'))
+    assert tract_train._route_tract_lambda(args, built) == {} and built.conv1.tract_lambda == 0.2
+    with pytest.raises(TrainError, match='--tract-lambda needs TrAct'):
+        tract_train._route_tract_lambda(args, timm.create_model('resnet18', device='meta'))
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):

@@ -5,41 +5,69 @@ torch.compile → DDP → epochs), so a `*_tract` model or a `tract-*` optimizer
 directory is train.py's: `args.yaml`, `summary.csv` (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr),
 `last.pth.tar`, `model_best.pth.tar`, `checkpoint-<epoch>.pth.tar` (timm's CheckpointSaver format).
 
+The function reads like train.py's sections: check the arguments, build the model, the data, the optimizer, restore
+a checkpoint, then run the epochs; every step passes one `_Run` state object on.
+
 Differences from train.py, all in the direction of reproducible, comparable runs:
 - the data order of epoch e is a function of (--seed, e) only: the same in a baseline and a TrAct run, in a resumed
   run, and the same global batches for 1 process and for N torchrun processes (global batch = N × --batch-size);
 - `--device` defaults to cuda when available, else cpu; torchrun DDP also runs on cpu (gloo);
 - an existing output dir is never trained over unless the run resumes from a checkpoint inside it;
-- `last.pth.tar` is replaced atomically (temp file + rename), so a kill never leaves it corrupt or missing.
+- `last.pth.tar` is replaced atomically (temp file + rename), so a kill never leaves it corrupt or missing; a failed
+  checkpoint write removes its temp file, keeps the previous `last.pth.tar` and stops with a TrainError saying how to
+  resume; summary.csv gets an epoch's row only once its checkpoint is on disk;
+- a run that fails before its first checkpoint removes the output directory it created (nothing blocks a re-run);
+- ImageFolder / torch datasets whose images are smaller than the model's default input size are trained at their own
+  size (logged), unless --img-size / --input-size says otherwise.
 """
 import argparse
-import csv
+import dataclasses
 import difflib
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import yaml
 
-__all__ = ['build_train_parser', 'train', 'TrainError']
+from .errors import TimmTractError, TrainError
+from .functional import check_lambda
+from .layers import is_tract_layer
+from .naming import TRACT_OPT_PREFIX, base_optimizer_name, is_tract_optimizer, twin_name
+from . import rundir
+
+__all__ = ['build_train_parser', 'train', 'TrainError', 'TrainResult']
 
 _logger = logging.getLogger(__name__)
 
-SUMMARY_FIELDS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
-
-
-class TrainError(ValueError):
-    """Bad training input (data dir, model name, flags); the message names the problem and the fix."""
+SUMMARY_FIELDS = rundir.SUMMARY_FIELDS  # kept for callers of earlier versions
 
 
 # --- arguments ------------------------------------------------------------------------------------------------------
+
+def _cpu_count() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once: not when the help states it already, nor for empty / unset / off defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if '(default' in text or '%(default)' in text or action.default in (None, '', False, [], {}):
+            return text
+        return super()._get_help_string(action)
+
 
 def build_train_parser() -> argparse.ArgumentParser:
     """Parser with timm train.py's flag names, defaults and meanings (the subset listed in `--help`), plus
@@ -47,15 +75,19 @@ def build_train_parser() -> argparse.ArgumentParser:
     from timm.utils import ParseKwargs
 
     p = argparse.ArgumentParser(
-        prog='timm-tract train', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog='timm-tract train', formatter_class=HelpFormatter,
         description='Train a timm model (with TrAct: a *_tract model or a tract-* optimizer) like timm\'s train.py.')
     g = p.add_argument_group('Dataset')
     g.add_argument('--data-dir', metavar='DIR', help='dataset root (ImageFolder: DIR/<split>/<class>/*.png)')
-    g.add_argument('--dataset', '-d', metavar='NAME', default='', help='dataset type, e.g. torch/cifar10 ('' = folder)')
+    g.add_argument('--dataset', '-d', metavar='NAME', default='',
+                   help="dataset type, e.g. torch/cifar10 (default: '', an ImageFolder)")
     g.add_argument('--train-split', metavar='NAME', default='train')
     g.add_argument('--val-split', metavar='NAME', default='validation', help="'' disables evaluation")
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', metavar='FILENAME')
+    g.add_argument('--input-img-mode', default=None, type=str, metavar='MODE',
+                   help="image mode the data is read in: RGB, L (grayscale), ... (default: RGB for 3 input "
+                        "channels, L for 1, as train.py)")
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet50', metavar='MODEL', help='timm model, e.g. resnet50 or resnet50_tract')
     g.add_argument('--pretrained', action='store_true', default=False)
@@ -81,8 +113,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--torchcompile-mode', type=str, default=None)
     g = p.add_argument_group('TrAct')
     g.add_argument('--tract-lambda', type=float, default=None, metavar='LAMBDA',
-                   help='TrAct λ: create_model kwarg for a *_tract model, optimizer kwarg for a tract-* optimizer '
-                        '(default: 0.1)')
+                   help='TrAct λ (> 0; 0.1 when not given): set on the TrAct layers of the built model (a *_tract '
+                        'model), else passed to a tract-* optimizer')
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', metavar='OPTIMIZER', help='timm optimizer, e.g. sgd, adamw, tract-sgd')
     g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
@@ -135,7 +167,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=42, metavar='S')
     g.add_argument('--log-interval', type=int, default=50, metavar='N')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    g.add_argument('-j', '--workers', type=int, default=min(4, _cpu_count()), metavar='N',
+                   help='data loader processes (train.py: 4; here at most the number of CPU cores)')
     g.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
     g.add_argument('--amp-dtype', default='float16', type=str, help='float16 or bfloat16')
     g.add_argument('--no-prefetcher', action='store_false', dest='prefetcher', default=True)
@@ -144,54 +177,48 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--experiment', default='', metavar='NAME', help='subfolder of --output (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1', metavar='EVAL_METRIC', help='top1, top5 or loss')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, cpu, cuda:1, ...')
-    g.add_argument('--dist-backend', default=None, help='default: nccl for cuda, gloo for cpu')
-    g.add_argument('--dist-url', default=None, help='default: env:// (torchrun)')
+    g.add_argument('--dist-backend', default=None, help='process group backend (default: nccl for cuda, gloo for cpu)')
+    g.add_argument('--dist-url', default=None, help='process group init URL (default: env://, set by torchrun)')
     g.add_argument('--dist-bn', type=str, default='reduce', help="BatchNorm stats across ranks: broadcast, reduce, ''")
     g.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP broadcast_buffers=False')
     return p
 
 
-def _route_tract_lambda(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(model_kwargs, opt_kwargs) with `--tract-lambda` placed where TrAct is used."""
-    model_kwargs, opt_kwargs = dict(args.model_kwargs or {}), dict(args.opt_kwargs or {})
-    if args.tract_lambda is None:
-        return model_kwargs, opt_kwargs
-    via_model = args.model.split('.')[0].endswith('_tract')
-    via_opt = args.opt.lower().split('_')[-1].startswith('tract-')
-    if not (via_model or via_opt):
-        raise TrainError(
-            f'--tract-lambda needs TrAct in the run: use a *_tract model (e.g. --model {args.model}_tract) or a '
-            f'tract-* optimizer (e.g. --opt tract-{args.opt.split("_")[-1]}).')
-    target = model_kwargs if via_model else opt_kwargs
-    flag = '--model-kwargs' if via_model else '--opt-kwargs'
-    if 'tract_lambda' in target and target['tract_lambda'] != args.tract_lambda:
-        raise TrainError(f'--tract-lambda {args.tract_lambda} and {flag} tract_lambda={target["tract_lambda"]} '
-                         f'disagree: give λ once.')
-    target['tract_lambda'] = args.tract_lambda
-    return model_kwargs, opt_kwargs
+# --- checking the arguments (before anything is built or written) ---------------------------------------------------
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.grad_accum_steps < 1:
+        raise TrainError('--grad-accum-steps must be >= 1.')
+    if args.amp_dtype not in ('float16', 'bfloat16'):
+        raise TrainError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype!r}.')
+    if args.num_classes is not None and args.num_classes < 1:
+        raise TrainError(f'--num-classes must be >= 1, got {args.num_classes}.')
+    if args.batch_size < 1 or args.epochs < 1:
+        raise TrainError('--batch-size and --epochs must be >= 1.')
+    if args.workers < 0:
+        raise TrainError('--workers must be >= 0 (0 loads the data in the training process).')
+    for flag, value in (('--tract-lambda', args.tract_lambda),
+                        ('--model-kwargs tract_lambda', (args.model_kwargs or {}).get('tract_lambda')),
+                        ('--opt-kwargs tract_lambda', (args.opt_kwargs or {}).get('tract_lambda'))):
+        if value is not None:
+            try:
+                check_lambda(value)
+            except TimmTractError as e:
+                raise TrainError(f'{flag}: {e}') from None
+    _check_output_root(args.output or os.path.join('.', 'output', 'train'))
+    if args.resume and not os.path.isfile(args.resume):
+        raise TrainError(f'--resume {args.resume!r} is not a file (expected e.g. <output dir>/last.pth.tar).')
 
 
-# --- building blocks ------------------------------------------------------------------------------------------------
-
-def _create_model(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> nn.Module:
-    import timm
-    arch = args.model.split('.')[0]
-    if not (timm.is_model(arch) or args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.75)
-        raise TrainError(
-            f'Unknown model {args.model!r}. timm models: timm.list_models("<filter>") (TrAct twins end in _tract)'
-            + (f'; similar: {", ".join(close)}' if close else '') + '.')
-    kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path, global_pool=args.gp)
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
-    if in_chans is not None:
-        kwargs['in_chans'] = in_chans
-    if args.initial_checkpoint:
-        kwargs['checkpoint_path'] = args.initial_checkpoint
-    dup = sorted(set(kwargs) & set(model_kwargs))
-    if dup:
-        raise TrainError(f'--model-kwargs repeats {dup}, which have their own flags (--num-classes, --drop, ...).')
-    return timm.create_model(args.model, **kwargs, **model_kwargs)
+def _check_output_root(root: str) -> None:
+    """--output must be a directory this process can create files in (or one it can create)."""
+    path = os.path.abspath(root)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise TrainError(f'--output {root!r}: {path} is a file, not a directory; pick another --output.')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TrainError(f'--output {root!r}: no permission to write in {path}; pick another --output.')
 
 
 _SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))  # timm's
@@ -216,14 +243,93 @@ def _check_data_dir(args: argparse.Namespace) -> None:
                 f'/<class>/<image>); use --train-split/--val-split to name yours, --val-split "" for no evaluation.')
 
 
-def _create_datasets(args: argparse.Namespace):
+# --- model ----------------------------------------------------------------------------------------------------------
+
+def _create_model(args: argparse.Namespace) -> nn.Module:
+    import timm
+    from timm.models import split_model_name_tag
+    arch = split_model_name_tag(args.model)[0]
+    if not (timm.is_model(arch) or args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.75)
+        raise TrainError(
+            f'Unknown model {args.model!r}. timm models: timm.list_models("<filter>") (TrAct twins end in '
+            f'{twin_name("")})' + (f'; similar: {", ".join(close)}' if close else '') + '.')
+    kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path, global_pool=args.gp)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    if in_chans is not None:
+        kwargs['in_chans'] = in_chans
+    if args.initial_checkpoint:
+        kwargs['checkpoint_path'] = args.initial_checkpoint
+    model_kwargs = dict(args.model_kwargs or {})
+    dup = sorted(set(kwargs) & set(model_kwargs))
+    if dup:
+        raise TrainError(f'--model-kwargs repeats {dup}, which have their own flags (--num-classes, --drop, ...).')
+    try:
+        return timm.create_model(args.model, **kwargs, **model_kwargs)
+    except TypeError as e:  # an unknown --model-kwargs key reaches the model class
+        if model_kwargs and 'unexpected keyword argument' in str(e):
+            raise TrainError(f'--model-kwargs: {args.model} does not take {e}.'.replace('.__init__()', '')) from None
+        raise
+
+
+def _route_tract_lambda(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
+    """Put --tract-lambda where TrAct is, decided from the built model and the optimizer name (never from the model
+    name: an hf-hub:/local-dir: model of a TrAct run names its base architecture). Sets λ on the model's TrAct layers,
+    or returns the optimizer kwargs with it for a tract-* optimizer."""
+    opt_kwargs = dict(args.opt_kwargs or {})
+    lam = args.tract_lambda
+    if lam is None:
+        return opt_kwargs
+    for flag, given in (('--model-kwargs', (args.model_kwargs or {}).get('tract_lambda')),
+                        ('--opt-kwargs', opt_kwargs.get('tract_lambda'))):
+        if given is not None and given != lam:
+            raise TrainError(f'--tract-lambda {lam} and {flag} tract_lambda={given} disagree: give λ once.')
+    layers = [m for m in model.modules() if is_tract_layer(m)]
+    if layers:
+        for layer in layers:
+            layer.tract_lambda = lam
+    elif is_tract_optimizer(args.opt):
+        opt_kwargs['tract_lambda'] = lam
+    else:
+        raise TrainError(
+            f'--tract-lambda needs TrAct in the run: {args.model} has no TrAct layer and {args.opt} is not a tract-* '
+            f'optimizer; use a *_tract model (e.g. --model {twin_name(args.model.split(".")[0])}) or a tract-* '
+            f'optimizer (e.g. --opt {TRACT_OPT_PREFIX}{base_optimizer_name(args.opt)}).')
+    return opt_kwargs
+
+
+def _tract_layer_names(model: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules() if is_tract_layer(m)]
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def _input_img_mode(args: argparse.Namespace, in_chans: int) -> str:
+    """train.py's rule: --input-img-mode, else RGB for 3 input channels and L (grayscale) otherwise."""
+    return args.input_img_mode or ('RGB' if in_chans == 3 else 'L')
+
+
+def _create_datasets(args: argparse.Namespace, in_chans: int):
     from timm.data import create_dataset
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
-                  batch_size=args.batch_size, seed=args.seed)
-    train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, **common)
-    eval_ds = None
-    if args.val_split:
-        eval_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, **common)
+                  batch_size=args.batch_size, seed=args.seed, input_img_mode=_input_img_mode(args, in_chans))
+    datasets = []
+    for split, is_training in ((args.train_split, True), (args.val_split, False)):
+        if not split:
+            datasets.append(None)
+            continue
+        try:
+            ds = create_dataset(args.dataset, split=split, is_training=is_training, **common)
+        except RuntimeError as e:  # timm's ImageFolder reader: "Found 0 images in subfolders of ..."
+            if 'Found 0 images' not in str(e):
+                raise
+            ds = []
+        if len(ds) == 0:
+            raise TrainError(f'the {split!r} split of --data-dir {args.data_dir!r} holds no images; put images in '
+                             f'<split>/<class>/ folders (or name another split with --train-split/--val-split).')
+        datasets.append(ds)
+    train_ds, eval_ds = datasets
     if len(train_ds) < args.batch_size * args.world_size:
         raise TrainError(
             f'the train split has {len(train_ds)} images, fewer than one global batch ({args.batch_size} × '
@@ -231,41 +337,68 @@ def _create_datasets(args: argparse.Namespace):
     return train_ds, eval_ds
 
 
-def _resolve_lr(args: argparse.Namespace) -> float:
-    """train.py's rule: --lr, else --lr-base scaled by global batch / --lr-base-size (sqrt for ada*/lamb*)."""
-    if args.lr is not None:
-        return args.lr
-    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
-    ratio = global_batch / args.lr_base_size
-    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+def _dataset_num_classes(ds) -> Optional[int]:
+    """Classes a dataset labels with (timm ImageFolder / tar readers, torchvision datasets), None if it cannot tell."""
+    reader = getattr(ds, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    if class_to_idx:
+        return len(class_to_idx)
+    classes = getattr(ds, 'classes', None)
+    return len(classes) if classes else None
 
 
-def _make_saver(task, optimizer, args, loss_scaler, output_dir):
-    """timm's CheckpointSaver; `last.pth.tar` is replaced atomically (os.replace, no unlink before it)."""
-    from timm.utils import CheckpointSaver
-
-    class _AtomicCheckpointSaver(CheckpointSaver):
-        def _replace(self, src, dst):
-            os.replace(src, dst)
-
-    return _AtomicCheckpointSaver(
-        model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-        checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
-        max_history=args.checkpoint_hist, task=task)
+def _check_num_classes(args: argparse.Namespace, model: nn.Module, datasets) -> None:
+    found = max((n for n in map(_dataset_num_classes, [d for d in datasets if d is not None]) if n), default=None)
+    if found is not None and model.num_classes < found:
+        raise TrainError(f'the data has {found} classes but the model predicts {model.num_classes}: pass '
+                         f'--num-classes {found} (or leave it out when the model default is larger).')
 
 
-def _output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
-    from timm.models import safe_model_name
-    name = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-    out = os.path.join(args.output or os.path.join('.', 'output', 'train'), name)
-    resuming_here = bool(args.resume) and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out)
-    if not resuming_here and any(os.path.exists(os.path.join(out, f)) for f in ('last.pth.tar', 'summary.csv')):
+def _native_image_size(ds) -> Optional[Tuple[int, int]]:
+    """(H, W) of the data set's first image, when it is a PIL image (ImageFolder, torchvision data sets)."""
+    from PIL import Image
+    try:
+        sample = ds[0][0]
+    except Exception:  # readers that cannot index (iterable datasets): nothing to detect
+        return None
+    return (sample.height, sample.width) if isinstance(sample, Image.Image) else None
+
+
+def _use_native_size(args: argparse.Namespace, model: nn.Module, train_ds, default_hw: Tuple[int, int]) -> None:
+    """Train small images at their own size instead of silently resizing them up to the model's default input."""
+    if args.img_size is not None or args.input_size is not None:
+        return
+    hw = _native_image_size(train_ds)
+    if hw is None or max(hw) >= min(default_hw):
+        return
+    if (getattr(model, 'pretrained_cfg', None) or {}).get('fixed_input_size'):
         raise TrainError(
-            f'output dir {out!r} already holds a run; resume it with --resume {os.path.join(out, "last.pth.tar")}, '
-            f'or pick another --experiment / --output (nothing was overwritten).')
-    return out
+            f'the images are {hw[0]}x{hw[1]} px but {args.model} takes a fixed {default_hw[0]}x{default_hw[1]} px '
+            f'input: pass --img-size {default_hw[0]} to resize them up, or build the model for the data with '
+            f'--model-kwargs img_size={hw[0]}.')
+    if hw[0] == hw[1]:
+        args.img_size = hw[0]
+    else:
+        args.input_size = [args.in_chans or model.pretrained_cfg.get('input_size', (3,))[0], *hw]
+    _logger.info(f'The images are {hw[0]}x{hw[1]} px, smaller than the {default_hw[0]}x{default_hw[1]} px default of '
+                 f'{args.model}: training at {hw[0]}x{hw[1]} (pass --img-size to resize them).')
+
+
+def _create_loaders(args: argparse.Namespace, data_config: Dict[str, Any], device: torch.device, train_ds, eval_ds):
+    from timm.data import create_loader
+    common = dict(
+        input_size=data_config['input_size'], interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher)
+    loader_train = create_loader(
+        train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, **{**common, 'interpolation': args.train_interpolation})
+    loader_eval = None
+    if eval_ds is not None:
+        loader_eval = create_loader(eval_ds, batch_size=args.validation_batch_size or args.batch_size,
+                                    is_training=False, crop_pct=data_config['crop_pct'], **common)
+    return loader_train, loader_eval
 
 
 def _seed_epoch(loader, args: argparse.Namespace, epoch: int) -> None:
@@ -285,13 +418,132 @@ def _seed_epoch(loader, args: argparse.Namespace, epoch: int) -> None:
     random_seed(args.seed + 1_000_003 * (epoch + 1), args.rank)  # augmentation, dropout, worker seeds
 
 
+# --- optimizer, schedule, checkpoints -------------------------------------------------------------------------------
+
+def _resolve_lr(args: argparse.Namespace) -> float:
+    """train.py's rule: --lr, else --lr-base scaled by global batch / --lr-base-size (sqrt for ada*/lamb*)."""
+    if args.lr is not None:
+        return args.lr
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
+def _create_optimizer(args: argparse.Namespace, model: nn.Module, opt_kwargs: Dict[str, Any]):
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    try:
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **opt_kwargs)
+    except ValueError as e:
+        if 'not found in registry' not in str(e):
+            raise
+        raise TrainError(f'Unknown optimizer {args.opt!r} ({e}); see timm.optim.list_optimizers() — every one has a '
+                         f'TrAct twin {TRACT_OPT_PREFIX}<name>.') from None
+
+
+def _check_resume_checkpoint(path: str, model: nn.Module) -> None:
+    """A --resume file must be a timm training checkpoint of this model (read with weights_only, nothing pickled)."""
+    from timm.models import clean_state_dict
+    from timm.utils import load_checkpoint_metadata
+    try:
+        ckpt = load_checkpoint_metadata(path)
+    except Exception as e:  # torch.load of a file that is not a checkpoint raises many kinds of errors
+        raise TrainError(f'--resume {path!r} is not a readable timm checkpoint ({type(e).__name__}); give the '
+                         f'last.pth.tar of a run, or start without --resume.') from None
+    sd = ckpt.get('state_dict', ckpt.get('model')) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise TrainError(f'--resume {path!r} holds no model state_dict; give the last.pth.tar of a run.')
+    own = model.state_dict()
+    sd = clean_state_dict(sd)
+    mismatched = sorted(k for k in set(own) | set(sd)
+                        if k not in own or k not in sd or tuple(own[k].shape) != tuple(sd[k].shape))
+    if mismatched:
+        arch = ckpt.get('arch', 'another model')
+        raise TrainError(f'--resume {path!r} was saved from {arch}, which does not match this model '
+                         f'({len(mismatched)} tensors differ, e.g. {mismatched[0]}); resume with the --model and '
+                         f'--model-kwargs the checkpoint was trained with.')
+
+
+def _make_saver(task, optimizer, args, loss_scaler, output_dir):
+    """timm's CheckpointSaver; `last.pth.tar` is replaced atomically (os.replace, no unlink before it)."""
+    from timm.utils import CheckpointSaver
+
+    class _AtomicCheckpointSaver(CheckpointSaver):
+        def _replace(self, src, dst):
+            os.replace(src, dst)
+
+    return _AtomicCheckpointSaver(
+        model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+        checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
+        max_history=args.checkpoint_hist, task=task)
+
+
+def _output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
+    """The run directory; refused when it holds a run that can be resumed (unless this run resumes it)."""
+    from timm.models import safe_model_name
+    name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+    out = os.path.join(args.output or os.path.join('.', 'output', 'train'), name)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainError(f'output dir {out!r} is a file; pick another --experiment / --output.')
+    resuming_here = bool(args.resume) and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out)
+    ckpt = None if resuming_here else rundir.resumable_checkpoint(out)
+    if ckpt is not None:
+        raise TrainError(
+            f'output dir {out!r} already holds a run; resume it with --resume {ckpt}, '
+            f'or pick another --experiment / --output (nothing was overwritten).')
+    return out
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run produced. `history` has one dict per epoch (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr;
+    eval_* None without evaluation). On rank 0 it is read back from summary.csv, so it includes the epochs before a
+    --resume and `best_*` is the checkpoint saver's record; on other ranks it holds the epochs this process ran and
+    `best_*` is NaN / -1. `result['history']` works as for the dict earlier versions returned."""
+    output_dir: str
+    best_metric: float
+    best_epoch: int
+    history: List[Dict[str, Any]]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the epochs need, built once by `train` (train.py's locals, named)."""
+    args: argparse.Namespace
+    device: torch.device
+    primary: bool
+    task: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    amp_autocast: Callable
+    loss_scaler: Any
+    loader_train: Any
+    loader_eval: Any
+    lr_scheduler: Any
+    num_epochs: int
+    updates_per_epoch: int
+    start_epoch: int
+    output_dir: str
+    saver: Any = None
+    num_updates: int = 0
+
+
 class _Progress:
-    """One progress bar per epoch on stderr (redrawn in a terminal, a line every --log-interval batches otherwise)."""
+    """One progress bar per epoch: redrawn on stderr in a terminal, else a log line every --log-interval batches.
+
+    Silenced with the library's logger (`logging.getLogger('timm_tract.train').setLevel(logging.WARNING)`)."""
 
     def __init__(self, epoch: int, epochs: int, total: int, enabled: bool, log_interval: int):
         self.epoch, self.epochs, self.total = epoch, epochs, total
-        self.enabled, self.log_interval = enabled, max(1, log_interval)
-        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled and _logger.isEnabledFor(logging.INFO)
+        self.log_interval = max(1, log_interval)
+        self.tty = self.enabled and sys.stderr.isatty()
         self.start = time.time()
 
     def update(self, done: int, loss: torch.Tensor, lr: float) -> None:
@@ -303,43 +555,41 @@ class _Progress:
         rate = done / max(time.time() - self.start, 1e-9)
         line = (f'epoch {self.epoch + 1}/{self.epochs} [{"#" * fill}{"." * (width - fill)}] {done}/{self.total} '
                 f'loss {loss:.4f} lr {lr:.3g} {rate:.1f} it/s')
-        sys.stderr.write(('\r' + line) if self.tty else (line + '\n'))
-        if self.tty and done == self.total:
-            sys.stderr.write('\n')
+        if not self.tty:
+            _logger.info(line)
+            return
+        sys.stderr.write('\r' + line + ('\n' if done == self.total else ''))
         sys.stderr.flush()
 
 
-# --- loops ----------------------------------------------------------------------------------------------------------
-
-def _train_one_epoch(
-        epoch, task, loader, optimizer, args, device, amp_autocast, loss_scaler, lr_scheduler, num_updates,
-        progress) -> Tuple[Dict[str, float], int]:
+def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, float]:
     from timm.models import model_parameters
     from timm.utils import dispatch_clip_grad, reduce_tensor
 
-    model = task.get_trainable_module()
+    args, task, optimizer, model = run.args, run.task, run.optimizer, run.task.get_trainable_module()
     second_order = getattr(optimizer, 'is_second_order', False)
     accum = args.grad_accum_steps
-    num_batches = len(loader)
+    num_batches = len(run.loader_train)
+    progress = _Progress(epoch, run.num_epochs, num_batches, run.primary, args.log_interval)
     task.train()
-    loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    loss_sum, count = torch.zeros((), dtype=torch.float64, device=run.device), 0
     optimizer.zero_grad()
-    for batch_idx, (x, y) in enumerate(loader):
+    for batch_idx, (x, y) in enumerate(run.loader_train):
         last = batch_idx + 1 == num_batches
         need_update = last or (batch_idx + 1) % accum == 0
         if not args.prefetcher:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(run.device), y.to(run.device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         sync_ctx = nullcontext() if need_update or not args.distributed else task.no_sync()
         with sync_ctx:
-            with amp_autocast():
+            with run.amp_autocast():
                 loss = task(x, y)['loss']
             scaled = loss / accum if accum > 1 else loss
-            if loss_scaler is not None:
-                loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
-                            create_graph=second_order, need_update=need_update)
+            if run.loss_scaler is not None:
+                run.loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                create_graph=second_order, need_update=need_update)
             else:
                 scaled.backward(create_graph=second_order)
                 if need_update:
@@ -351,30 +601,31 @@ def _train_one_epoch(
         count += x.shape[0]
         if need_update:
             optimizer.zero_grad()
-            num_updates += 1
-            task.update_ema(step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
+            run.num_updates += 1
+            task.update_ema(step=run.num_updates)
+            if run.lr_scheduler is not None:
+                run.lr_scheduler.step_update(num_updates=run.num_updates)
         progress.update(batch_idx + 1, loss, optimizer.param_groups[0]['lr'])
     avg = loss_sum / max(count, 1)
     if args.distributed:
         avg = reduce_tensor(avg, args.world_size)
-    return {'loss': avg.item()}, num_updates
+    return {'loss': avg.item()}
 
 
 @torch.no_grad()
-def _validate(model, loader, args, device, amp_autocast) -> Dict[str, float]:
+def _validate(run: _Run, model: nn.Module) -> Dict[str, float]:
     from timm.utils import accuracy, reduce_tensor
+    args = run.args
     model.eval()
     loss_fn = nn.CrossEntropyLoss()
     totals = torch.zeros(4, dtype=torch.float64)  # loss·n, top1·n, top5·n, n
     topk = (1, min(5, args.num_classes))
-    for x, y in loader:
+    for x, y in run.loader_eval:
         if not args.prefetcher:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(run.device), y.to(run.device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
+        with run.amp_autocast():
             out = model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
@@ -383,23 +634,81 @@ def _validate(model, loader, args, device, amp_autocast) -> Dict[str, float]:
         n = x.shape[0]
         totals += torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
     if args.distributed:
-        totals = reduce_tensor(totals.to(device), 1).cpu()  # sum over ranks
+        totals = reduce_tensor(totals.to(run.device), 1).cpu()  # sum over ranks
     n = max(totals[3].item(), 1)
     return {'loss': totals[0].item() / n, 'top1': totals[1].item() / n, 'top5': totals[2].item() / n}
 
 
-def _read_history(summary_path: str) -> List[Dict[str, Optional[float]]]:
-    if not os.path.exists(summary_path):
-        return []
-    with open(summary_path, newline='') as f:
-        rows = list(csv.DictReader(f))
-
-    def num(v):
-        return None if v in (None, '') else float(v)
-    return [{k: (int(float(r['epoch'])) if k == 'epoch' else num(r.get(k))) for k in SUMMARY_FIELDS} for r in rows]
+def _evaluate(run: _Run) -> Optional[Dict[str, float]]:
+    if run.loader_eval is None:
+        return None
+    metrics = _validate(run, run.task.get_eval_model())
+    if run.task.has_ema() and not run.args.model_ema_force_cpu:
+        metrics = _validate(run, run.task.get_eval_model(ema=True))
+    return metrics
 
 
-# --- the run --------------------------------------------------------------------------------------------------------
+def _write_summary(run: _Run, epoch: int, row: Tuple[Dict[str, float], Optional[Dict[str, float]], float]) -> None:
+    from timm.utils import update_summary
+    train_metrics, eval_metrics, lr = row
+    update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(run.output_dir, rundir.SUMMARY_FILE),
+                   lr=lr)
+
+
+def _save_epoch(run: _Run, epoch: int, row: Tuple[Dict[str, float], Optional[Dict[str, float]], float],
+                metric: Optional[float]) -> None:
+    """Add the epoch's summary row, then checkpoint it (as train.py; a resume drops rows of epochs it runs again).
+
+    On a write error: remove the temp file, keep the previous last.pth.tar, take the epoch's row out of summary.csv
+    unless its checkpoint landed, and stop with a TrainError that says whether to resume (from which file) or re-run.
+    """
+    from timm.utils import load_checkpoint_metadata, trim_summary
+    summary = os.path.join(run.output_dir, rundir.SUMMARY_FILE)
+    try:
+        _write_summary(run, epoch, row)
+        run.saver.save_checkpoint(epoch, metric=metric)
+    except OSError as e:
+        tmp = os.path.join(run.output_dir, rundir.TEMP_CHECKPOINT)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        ckpt, saved = rundir.resumable_checkpoint(run.output_dir), None
+        if ckpt is not None:
+            try:
+                saved = int(load_checkpoint_metadata(str(ckpt))['epoch'])
+            except Exception:  # a checkpoint that cannot be read is no resume point
+                ckpt = None
+        if saved != epoch:
+            trim_summary(summary, epoch)
+        what = f'{type(e).__name__}: {e.strerror or e}'
+        if ckpt is None:
+            raise TrainError(f'writing the checkpoint of epoch {epoch + 1} to {run.output_dir} failed ({what}); no '
+                             f'checkpoint is on disk: free space or fix the folder, then run the same command again.'
+                             ) from None
+        raise TrainError(f'writing the checkpoint of epoch {epoch + 1} to {run.output_dir} failed ({what}); '
+                         f'{ckpt.name} holds epoch {saved + 1}: free space or fix the folder, then resume with '
+                         f'--resume {ckpt}.') from None
+
+
+def _run_epochs(run: _Run) -> List[Dict[str, Any]]:
+    """train.py's epoch loop: train, distribute BN stats, evaluate (EMA too), checkpoint + summary, schedule."""
+    from timm.utils import distribute_bn
+    args = run.args
+    history: List[Dict[str, Any]] = []
+    for epoch in range(run.start_epoch, run.num_epochs):
+        _seed_epoch(run.loader_train, args, epoch)
+        train_metrics = _train_one_epoch(run, epoch)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(run.model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = _evaluate(run)
+        lr = sum(g['lr'] for g in run.optimizer.param_groups) / len(run.optimizer.param_groups)
+        metric = None if eval_metrics is None else eval_metrics[args.eval_metric]
+        if run.primary:
+            _save_epoch(run, epoch, (train_metrics, eval_metrics, lr), metric)
+        history.append({'epoch': epoch, 'train_loss': train_metrics['loss'], 'lr': lr,
+                        **{f'eval_{k}': (eval_metrics or {}).get(k) for k in ('loss', 'top1', 'top5')}})
+        run.lr_scheduler.step(epoch + 1, metric)
+    return history
+
 
 def _setup_device(args: argparse.Namespace) -> torch.device:
     """timm's init_distributed_device: torchrun env → DDP process group (nccl for cuda, gloo for cpu)."""
@@ -409,39 +718,27 @@ def _setup_device(args: argparse.Namespace) -> torch.device:
     return init_distributed_device(args)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run one training as configured by `build_train_parser()` arguments.
-
-    Writes train.py's output layout and returns {'output_dir', 'best_metric' (best --eval-metric; NaN without
-    evaluation), 'best_epoch' (-1 without evaluation), 'history': [{'epoch', 'train_loss', 'eval_loss', 'eval_top1',
-    'eval_top5', 'lr'}, ...] (every epoch of the run, also those before a --resume; eval_* None without evaluation)}.
-    Raises TrainError for bad input.
-    """
-    import timm  # noqa: F401  (model registry)
-    import timm_tract  # noqa: F401  (registers *_tract models and tract-* optimizers, also for train(args) callers)
-    from timm.data import create_loader, resolve_data_config
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
+def _build_run(args: argparse.Namespace) -> _Run:
+    """Device, model, data, optimizer, restore, EMA/compile/DDP, loaders and schedule: everything but the output."""
+    from timm.data import resolve_data_config
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
-    import timm.utils
-    from timm.utils import NativeScaler, distribute_bn, random_seed, update_summary
+    from timm.utils import NativeScaler, random_seed
 
-    args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
-    if args.grad_accum_steps < 1:
-        raise TrainError('--grad-accum-steps must be >= 1.')
-    if args.amp_dtype not in ('float16', 'bfloat16'):
-        raise TrainError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype!r}.')
-    model_kwargs, opt_kwargs = _route_tract_lambda(args)
-    _check_data_dir(args)
     device = _setup_device(args)
     primary = args.rank == 0
     random_seed(args.seed, args.rank)
 
-    model = _create_model(args, model_kwargs)
+    model = _create_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
+    opt_kwargs = _route_tract_lambda(args, model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
+    in_chans = resolve_data_config(vars(args), model=model)['input_size'][0]
+    train_ds, eval_ds = _create_datasets(args, in_chans)
+    _check_num_classes(args, model, (train_ds, eval_ds))
+    _use_native_size(args, model, train_ds, tuple(resolve_data_config({}, model=model)['input_size'][1:]))
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     model.to(device=device)
     if args.channels_last:
@@ -452,24 +749,17 @@ def train(args: argparse.Namespace) -> dict:
     loss_scaler = None
     if args.amp and amp_dtype == torch.float16 and device.type == 'cuda':  # train.py: scaler for CUDA fp16 only
         loss_scaler = NativeScaler(device=device.type)
-
-    train_ds, eval_ds = _create_datasets(args)
     args.lr = _resolve_lr(args)
 
     task = ClassificationTask(model, criterion_kwargs=dict(smoothing=args.smoothing), device=device, verbose=False)
     model = task.get_trainable_module()
-    try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **opt_kwargs)
-    except ValueError as e:
-        if 'not found in registry' not in str(e):
-            raise
-        raise TrainError(f'Unknown optimizer {args.opt!r} ({e}); see timm.optim.list_optimizers() — every one has a '
-                         f'TrAct twin tract-<name>.') from None
+    optimizer = _create_optimizer(args, model, opt_kwargs)
+    args.tract_layers = _tract_layer_names(model)  # recorded in args.yaml: whether and where this run used TrAct
+    args.architecture = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
 
     start_epoch = 0
     if args.resume:
-        if not os.path.isfile(args.resume):
-            raise TrainError(f'--resume {args.resume!r} is not a file (expected e.g. <output dir>/last.pth.tar).')
+        _check_resume_checkpoint(args.resume, model)
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=primary) or 0
@@ -484,20 +774,7 @@ def train(args: argparse.Namespace) -> dict:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
 
-    loader_common = dict(
-        input_size=data_config['input_size'], interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher)
-    loader_train = create_loader(
-        train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-        re_mode=args.remode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa,
-        **{**loader_common, 'interpolation': args.train_interpolation})
-    loader_eval = None
-    if eval_ds is not None:
-        loader_eval = create_loader(eval_ds, batch_size=args.validation_batch_size or args.batch_size,
-                                    is_training=False, crop_pct=data_config['crop_pct'], **loader_common)
-
+    loader_train, loader_eval = _create_loaders(args, data_config, device, train_ds, eval_ds)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
@@ -507,58 +784,59 @@ def train(args: argparse.Namespace) -> dict:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
+    return _Run(args=args, device=device, primary=primary, task=task, model=model, optimizer=optimizer,
+                amp_autocast=amp_autocast, loss_scaler=loss_scaler, loader_train=loader_train,
+                loader_eval=loader_eval, lr_scheduler=lr_scheduler, num_epochs=num_epochs,
+                updates_per_epoch=updates_per_epoch, start_epoch=start_epoch,
+                output_dir=_output_dir(args, data_config), num_updates=start_epoch * updates_per_epoch)
 
-    output_dir = _output_dir(args, data_config)
-    summary_path = os.path.join(output_dir, 'summary.csv')
-    saver = None
-    if primary:
-        os.makedirs(output_dir, exist_ok=True)
-        saver = _make_saver(task, optimizer, args, loss_scaler, output_dir)
-        resumed_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
-        if resumed_here and hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31: keep best/history
-            saver.load_state_dict_from_checkpoint(args.resume)
-        if hasattr(timm.utils, 'trim_summary'):  # timm >= 1.0.31: drop summary rows of epochs run again
-            timm.utils.trim_summary(summary_path, start_epoch)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f, default_flow_style=False)
-        _logger.info(f'{args.model} / {args.opt}: {num_epochs} epochs from {start_epoch}, lr {args.lr:.4g}, '
-                     f'{args.world_size} process(es), output {output_dir}')
 
-    eval_model = task.get_eval_model()
-    history: List[Dict[str, Any]] = []
+def _open_output(run: _Run) -> bool:
+    """Create the run directory (rank 0), restore the saver's history when resuming into it, drop summary rows of
+    epochs that run again, write args.yaml. Returns whether the directory was created here."""
+    from timm.utils import trim_summary
+    args, out = run.args, run.output_dir
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    run.saver = _make_saver(run.task, run.optimizer, args, run.loss_scaler, out)
+    if args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out):
+        run.saver.load_state_dict_from_checkpoint(args.resume)
+    trim_summary(os.path.join(out, rundir.SUMMARY_FILE), run.start_epoch)
+    rundir.write_args(out, vars(args))
+    _logger.info(f'{args.model} / {args.opt}: {run.num_epochs} epochs from {run.start_epoch}, lr {args.lr:.4g}, '
+                 f'{args.world_size} process(es), output {out}')
+    return created
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Run one training as configured by `build_train_parser()` arguments; writes train.py's output layout.
+
+    Raises TrainError (a TimmTractError) for bad input, before anything is written where it can tell. The caller's
+    namespace is not changed.
+    """
+    import timm_tract  # noqa: F401  (registers *_tract models and tract-* optimizers, also for train(args) callers)
+
+    args = argparse.Namespace(**vars(args))
+    _check_args(args)
+    _check_data_dir(args)
+    run = _build_run(args)
+    created = _open_output(run) if run.primary else False
+    try:
+        history = _run_epochs(run)
+    except BaseException:
+        if created and rundir.resumable_checkpoint(run.output_dir) is None:
+            shutil.rmtree(run.output_dir, ignore_errors=True)  # nothing to resume: leave nothing that blocks a re-run
+        raise
     best_metric, best_epoch = None, None
-    num_updates = start_epoch * updates_per_epoch
-    for epoch in range(start_epoch, num_epochs):
-        _seed_epoch(loader_train, args, epoch)
-        progress = _Progress(epoch, num_epochs, len(loader_train), primary, args.log_interval)
-        train_metrics, num_updates = _train_one_epoch(
-            epoch, task, loader_train, optimizer, args, device, amp_autocast, loss_scaler, lr_scheduler,
-            num_updates, progress)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = None
-        if loader_eval is not None:
-            eval_metrics = _validate(eval_model, loader_eval, args, device, amp_autocast)
-            if task.has_ema() and not args.model_ema_force_cpu:
-                eval_metrics = _validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast)
-        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
-        metric = None if eval_metrics is None else eval_metrics[args.eval_metric]
-        if primary:
-            update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=lr)
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
-        history.append({'epoch': epoch, 'train_loss': train_metrics['loss'], 'lr': lr,
-                        **{f'eval_{k}': (eval_metrics or {}).get(k) for k in ('loss', 'top1', 'top5')}})
-        lr_scheduler.step(epoch + 1, metric)
-    if primary:
-        history = _read_history(summary_path) or history
-    if primary:
-        best_metric, best_epoch = saver.best_metric, saver.best_epoch
+    if run.primary:
+        history = rundir.read_history(run.output_dir) or history
+        best_metric, best_epoch = run.saver.best_metric, run.saver.best_epoch
     if args.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return {
-        'output_dir': output_dir,
-        'best_metric': float('nan') if best_metric is None else float(best_metric),
-        'best_epoch': -1 if best_epoch is None else int(best_epoch),
-        'history': history,
-    }
+    return TrainResult(
+        output_dir=run.output_dir,
+        best_metric=float('nan') if best_metric is None else float(best_metric),
+        best_epoch=-1 if best_epoch is None else int(best_epoch),
+        history=history,
+    )
