@@ -1,6 +1,8 @@
 """ TrAct math: parity with the authors' torch-tract, a float64 brute-force oracle, the reference values, chunking. """
+import fractions
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +12,7 @@ import torch_tract
 import timm_tract
 from timm_tract import TrActConv2d, TrActLinear
 from timm_tract import functional as TF
+from timm_tract.errors import NotPositiveDefiniteError, TrActArgumentError, TrActTypeError
 
 
 def _brute_force_grad(x, weight, gy, tract_lambda, stride=1, padding=0, dilation=1, groups=1, padding_mode='zeros'):
@@ -249,7 +252,7 @@ def test_chunked_gram_is_exact_and_bounded(monkeypatch, budget):
         biggest.append(out.numel())
         return out
 
-    monkeypatch.setattr(TF, '_CHUNK_ELEMENTS', budget)
+    monkeypatch.setenv(TF.GRAM_CHUNK_ENV, str(budget * 8 / 2 ** 20))  # float64: budget elements, read at call time
     monkeypatch.setattr(TF.F, 'unfold', counting_unfold)
     chunked, n_chunked = TF.patch_gram(x, geom)
     assert n_chunked == n_full == 5 * 6 * 5
@@ -259,12 +262,32 @@ def test_chunked_gram_is_exact_and_bounded(monkeypatch, budget):
     assert len(biggest) > 1
 
 
-@pytest.mark.parametrize('bad', [0.0, -0.1, float('nan'), float('inf'), True, '0.1', None])
-def test_bad_lambda_is_rejected(bad):
-    with pytest.raises((ValueError, TypeError), match='tract_lambda'):
+@pytest.mark.parametrize('bad,error', [
+    (0.0, TrActArgumentError), (-0.1, TrActArgumentError), (float('nan'), TrActArgumentError),
+    (float('inf'), TrActArgumentError), (torch.tensor(-1.0), TrActArgumentError), (np.float32(0), TrActArgumentError),
+    (True, TrActTypeError), (np.bool_(True), TrActTypeError), (torch.tensor(True), TrActTypeError),
+    ('0.1', TrActTypeError), (None, TrActTypeError), (torch.tensor([0.1, 0.2]), TrActTypeError), (1j, TrActTypeError),
+])
+def test_bad_lambda_is_rejected(bad, error):
+    fix = 'Use the paper default 0.1' if error is TrActArgumentError else 'Pass a float such as 0.1'
+    with pytest.raises(error, match='tract_lambda') as info:
         TrActConv2d(3, 4, 3, tract_lambda=bad)
-    with pytest.raises((ValueError, TypeError), match='tract_lambda'):
+    assert fix in str(info.value)
+    with pytest.raises(error, match='tract_lambda'):
         TF.tract_linear(torch.randn(2, 3), torch.randn(4, 3), tract_lambda=bad)
+
+
+@pytest.mark.parametrize('value', [np.float32(0.1), np.float64(0.1), torch.tensor(0.1), torch.tensor([0.1]),
+                                   torch.tensor(0.1, dtype=torch.float64), np.int64(1), 1, fractions.Fraction(1, 10)])
+def test_lambda_accepts_any_real_number(value):
+    torch.manual_seed(0)
+    layer = TrActLinear(4, 3, dtype=torch.float64, tract_lambda=value)
+    assert type(layer.tract_lambda) is float and layer.tract_lambda == pytest.approx(float(value))
+    x, gy = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    a = x.T @ x / 6 + float(value) * torch.eye(4, dtype=torch.float64)
+    assert _rel(layer.weight.grad, gy.T @ x @ torch.linalg.inv(a)) <= 1e-10
+    assert TF.check_lambda(value) == float(value)
 
 
 def test_non_finite_input_raises_instead_of_nan_weights():
@@ -317,7 +340,7 @@ def test_symmetric_strip_gram_matches_full_product(groups):
 def test_shifted_gram_matches_unfolded_product(monkeypatch, kernel, stride, padding, size, budget):
     """Overlapping stems take the shift-based XᵀX (no kh·kw unfold), also in bands of rows: exact against the unfold."""
     if budget:
-        monkeypatch.setattr(TF, '_CHUNK_ELEMENTS', budget)
+        monkeypatch.setenv(TF.GRAM_CHUNK_ENV, str(budget * 8 / 2 ** 20))  # float64: budget elements
     torch.manual_seed(0)
     x = torch.randn(3, 2, *size, dtype=torch.float64)
     geom = TF.conv_geometry((4, 2) + kernel, stride=stride, padding=padding, padding_mode='reflect')

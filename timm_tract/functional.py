@@ -14,9 +14,21 @@ Implementation: the layer's forward is the native `F.conv2d` / `F.linear`, calle
 the native kernel) and returns P (XᵀX/N + λI)⁻¹. XᵀX is accumulated in bounded chunks from the input the
 layer saves anyway (never the whole unfolded input), and the system is solved with a Cholesky factorization
 (float32, float64 for float64 inputs). For N < n the equivalent Woodbury form solves an N×N system instead.
+
+Chunk budget: the bytes of patches materialized at once (`gram_chunk_bytes`). The CPU keeps a cache-sized 8 MiB, so
+the extra memory is small and fixed; accelerators (CUDA, ...) take 1/512 of the device memory, bounded to
+64-256 MiB, so a 224 px ResNet-50 stem at B=256 is a handful of chunks and the kernel launches of one backward hardly
+grow with the batch. Set it with `set_gram_chunk_bytes` or the environment variable `TIMM_TRACT_GRAM_CHUNK_MB`
+(read at every backward).
+
+Positive-definiteness check: on CPU a failed factorization raises `NotPositiveDefiniteError` saying whether the input
+held NaN/Inf or a finite scale too large for the Gram; on accelerators the same check is a device-side assert
+(`torch._assert_async`), so a training step never waits for the device.
 """
 import contextlib
 import math
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -24,14 +36,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ['tract_conv2d', 'tract_linear', 'patch_gram', 'conv_geometry', 'tract_precondition', 'check_lambda',
+from .errors import NotPositiveDefiniteError, TrActArgumentError, TrActTypeError
+
+__all__ = ['tract_conv2d', 'tract_linear', 'tract_weight', 'patch_gram', 'ConvGeometry', 'conv_geometry',
+           'tract_precondition', 'check_lambda', 'gram_chunk_bytes', 'set_gram_chunk_bytes', 'GRAM_CHUNK_ENV',
            'DEFAULT_LAMBDA']
 
 DEFAULT_LAMBDA = 0.1
 
-# Budget of one unfolded chunk in elements (fp32: 8 MiB, one 224 px ResNet-stem image), so the extra memory of the
-# Gram is small and fixed, whatever the batch size.
-_CHUNK_ELEMENTS = 1 << 21
+GRAM_CHUNK_ENV = 'TIMM_TRACT_GRAM_CHUNK_MB'
+# CPU: 8 MiB of patches per chunk (one 224 px ResNet-stem image in fp32), sized for the cache.
+_CPU_CHUNK_BYTES = 8 << 20
+# accelerators: this fraction of the device memory, within these bounds (unknown memory: the lower bound)
+_ACCEL_CHUNK_FRACTION = 1 / 512
+_ACCEL_CHUNK_BOUNDS = (64 << 20, 256 << 20)
+_chunk_bytes_setting: Optional[int] = None
 _SYMMETRIC_MIN_N = 384
 
 _IntPair = Union[int, Tuple[int, int]]
@@ -41,20 +60,99 @@ def _pair(v: _IntPair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def check_lambda(tract_lambda: float) -> float:
-    """Return `tract_lambda` as float; raise ValueError unless it is finite and > 0."""
-    if isinstance(tract_lambda, bool) or not isinstance(tract_lambda, (int, float)):
-        raise TypeError(f'tract_lambda must be a positive float, got {type(tract_lambda).__name__} {tract_lambda!r}.')
-    if not math.isfinite(tract_lambda) or tract_lambda <= 0:
-        raise ValueError(
+def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
+    """Return `tract_lambda` as a Python float.
+
+    Accepts any real number (int, float, numpy scalars, a one-element real tensor); raises `TrActTypeError` (a
+    TypeError) for other types, bool included, and `TrActArgumentError` (a ValueError) unless it is finite and > 0.
+    """
+    value = tract_lambda
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool \
+            and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TrActTypeError(
+            f'tract_lambda must be a real number > 0, got {type(tract_lambda).__name__} {tract_lambda!r}. '
+            f'Pass a float such as 0.1 (the paper default).')
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise TrActArgumentError(
             f'tract_lambda must be finite and > 0, got {tract_lambda!r}. '
             f'Use the paper default 0.1 (0.05 for short runs, 0.2 for long runs).')
-    return float(tract_lambda)
+    return value
+
+
+def set_gram_chunk_bytes(nbytes: Optional[int]) -> None:
+    """Set the Gram chunk budget (bytes of patches materialized at once) for every device; None restores the default
+    (`TIMM_TRACT_GRAM_CHUNK_MB` if set, else per device, see `gram_chunk_bytes`). Takes effect at the next backward."""
+    global _chunk_bytes_setting
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+            raise TrActTypeError(f'set_gram_chunk_bytes takes an int number of bytes or None, got {nbytes!r}.')
+        if nbytes < 1:
+            raise TrActArgumentError(f'The Gram chunk budget must be >= 1 byte, got {nbytes}; pass None for the default.')
+        nbytes = int(nbytes)
+    _chunk_bytes_setting = nbytes
+
+
+_device_memory_cache = {}
+
+
+def _device_memory(device_type: str, index: Optional[int]) -> Optional[int]:
+    """Total memory of an accelerator in bytes (None when its backend does not report it); cached per device."""
+    key = (device_type, index)
+    if key not in _device_memory_cache:
+        if torch.compiler.is_compiling():  # not queried while tracing: any budget gives the same exact Gram
+            return None
+        try:
+            backend = getattr(torch, device_type)
+            total = int(backend.get_device_properties(index if index is not None else backend.current_device())
+                        .total_memory)
+        except Exception:
+            total = None
+        _device_memory_cache[key] = total
+    return _device_memory_cache[key]
+
+
+def gram_chunk_bytes(device: Union[str, torch.device, None] = None) -> int:
+    """Bytes of unfolded patches the Gram materializes at once on `device` (default CPU), read at call time.
+
+    In order: the value of `set_gram_chunk_bytes`; the environment variable `TIMM_TRACT_GRAM_CHUNK_MB` (MiB, may be
+    fractional); else 8 MiB on CPU (and meta), and on accelerators 1/512 of the device memory within 64-256 MiB.
+    A bigger budget means fewer, larger chunks (fewer kernel launches per backward, more transient memory).
+    """
+    if _chunk_bytes_setting is not None:
+        return _chunk_bytes_setting
+    env = os.environ.get(GRAM_CHUNK_ENV, '').strip()
+    if env:
+        try:
+            mib = float(env)
+        except ValueError:
+            mib = float('nan')
+        if not math.isfinite(mib) or mib * (1 << 20) < 1:
+            raise TrActArgumentError(
+                f'{GRAM_CHUNK_ENV}={env!r} is not a positive number of MiB; set it to e.g. 8 (CPU) or 256 (GPU), '
+                f'or unset it for the per-device default.')
+        return max(1, int(mib * (1 << 20)))
+    device = torch.device(device if device is not None else 'cpu')
+    if device.type in ('cpu', 'meta'):
+        return _CPU_CHUNK_BYTES
+    lo, hi = _ACCEL_CHUNK_BOUNDS
+    total = _device_memory(device.type, device.index)
+    if total is None:
+        return lo
+    return int(min(hi, max(lo, total * _ACCEL_CHUNK_FRACTION)))
+
+
+def _chunk_elements(device: torch.device, dtype: torch.dtype) -> int:
+    """The chunk budget in elements of `dtype`."""
+    return max(1, gram_chunk_bytes(device) // dtype.itemsize)
 
 
 @dataclass(frozen=True)
-class _ConvGeometry:
-    """How a conv layer cuts its input into patches: explicit (left, right, top, bottom) padding, padding mode."""
+class ConvGeometry:
+    """How a conv layer cuts its input into patches: explicit (left, right, top, bottom) padding, padding mode.
+    Build it with `conv_geometry`."""
     kernel_size: Tuple[int, int]
     stride: Tuple[int, int]
     dilation: Tuple[int, int]
@@ -78,7 +176,7 @@ def _conv_pad(
     return (pw, pw, ph, ph)
 
 
-def _conv_out_size(x: torch.Tensor, geom: _ConvGeometry) -> Tuple[int, int]:
+def _conv_out_size(x: torch.Tensor, geom: ConvGeometry) -> Tuple[int, int]:
     """(H_out, W_out) of the conv on x (B, C, H, W)."""
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
     h = x.shape[2] + geom.pad[2] + geom.pad[3]
@@ -116,7 +214,7 @@ def _mirror_gram(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> Tuple[torch.Tensor, int]:
+def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> Tuple[torch.Tensor, int]:
     """Patch statistics of a conv input x (B, C, H, W).
 
     Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, in float32 (float64 for
@@ -146,8 +244,9 @@ def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> 
         row_elements = shifted.m * shifted.t_max
     # chunk = whole images while they fit the budget, else bands of output rows of one image
     per_image = row_elements * h_out
-    images_per_chunk = max(1, _CHUNK_ELEMENTS // per_image)
-    rows_per_band = h_out if per_image <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // row_elements)
+    budget = _chunk_elements(x.device, dtype)
+    images_per_chunk = max(1, budget // per_image)
+    rows_per_band = h_out if per_image <= budget else max(1, budget // row_elements)
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
@@ -171,7 +270,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: _ConvGeometry, keep_rows: bool) -> 
     return (shifted.gram()[None] if shifted is not None else _mirror_gram(out)), num_rows
 
 
-def _uses_shifted_gram(geom: _ConvGeometry) -> bool:
+def _uses_shifted_gram(geom: ConvGeometry) -> bool:
     """Overlapping patches along the width (kw > sw), no dilation, one group: `_shifted_gram` does fewer flops."""
     return geom.groups == 1 and geom.dilation == (1, 1) and geom.kernel_size[1] > geom.stride[1]
 
@@ -254,14 +353,14 @@ def _linear_patch_stats(x: torch.Tensor, keep_rows: bool) -> Tuple[torch.Tensor,
     if keep_rows:
         return rows.to(torch.float64).unsqueeze(0), num_rows
     gram = x.new_zeros((1, n, n), dtype=dtype)
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    step = max(1, _chunk_elements(x.device, dtype) // max(n, 1))
     for r0 in range(0, num_rows, step):
         chunk = rows[r0:r0 + step].to(dtype)
         gram[0].addmm_(chunk.T, chunk)
     return gram, num_rows
 
 
-def patch_gram(x: torch.Tensor, geom: Optional[_ConvGeometry] = None) -> Tuple[torch.Tensor, int]:
+def patch_gram(x: torch.Tensor, geom: Optional[ConvGeometry] = None) -> Tuple[torch.Tensor, int]:
     """XᵀX of the unfolded input, (groups, n, n) float32/64, summed (not averaged) over the N rows; returns (XᵀX, N).
 
     `geom` None means a Linear layer (x (..., n)); otherwise a conv input x (B, C, H, W).
@@ -271,36 +370,50 @@ def patch_gram(x: torch.Tensor, geom: Optional[_ConvGeometry] = None) -> Tuple[t
     return _conv_patch_stats(x, geom, keep_rows=False)
 
 
-def _raise_if_not_pd(info: torch.Tensor, system: torch.Tensor) -> None:
-    """Fail loudly (not with NaN weights) when the TrAct system is not positive definite."""
+def _pd_error(system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float) -> NotPositiveDefiniteError:
+    """The error for a failed factorization, telling a non-finite input from a finite input scale too large."""
+    head = 'TrAct: the system XᵀX/N + λI is not positive definite'
+    if x is not None and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        return NotPositiveDefiniteError(
+            f'{head}: the first layer input holds {bad} NaN/Inf value(s). Check the input batch (data pipeline, '
+            f'augmentation, an earlier fp16 overflow); TrAct wrote no gradient for this step.')
+    scale = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
+    if x is not None or not bool(torch.isfinite(system).all()):
+        return NotPositiveDefiniteError(
+            f'{head}: the input is finite but its scale{scale} is too large for a {system.dtype} Gram '
+            f'(XᵀX/N overflows, or λ={tract_lambda:g} is lost against it). Standardize the input to mean 0 / std 1 '
+            f'(the scale the paper\'s λ is meant for), or raise tract_lambda.')
+    return NotPositiveDefiniteError(
+        f'{head} (non-finite values in XᵀX: NaN/Inf in the first layer input, or an input scale so large that XᵀX '
+        f'overflows). Check the input batch for NaN/Inf, standardize it, or raise tract_lambda.')
+
+
+def _check_pd(info: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float) -> None:
+    """Fail loudly (not with NaN weights) when the TrAct system is not positive definite.
+
+    CPU: a `NotPositiveDefiniteError` naming the cause. Accelerators (and while compiling): a device-side assert
+    (`torch._assert_async`), which never makes the host wait for the device (no sync per step, CUDA-graph safe);
+    the failure surfaces at the next synchronization as a device-side assert.
+    """
     if system.device.type == 'meta':
         return
     ok = (info == 0).all() & torch.isfinite(system).all()
-    msg = ('TrAct: the system XᵀX/N + λI is not positive definite (non-finite values in the first layer input or '
-           'its gradient?). Check the input batch for NaN/Inf, or raise tract_lambda.')
-    if torch.compiler.is_compiling():
-        torch._assert_async(ok, msg)
+    if system.device.type != 'cpu' or torch.compiler.is_compiling():
+        torch._assert_async(ok, 'TrAct: the system XᵀX/N + λI is not positive definite (NaN/Inf in the first layer '
+                                'input, or an input scale too large); standardize the input or raise tract_lambda.')
     elif not bool(ok):
-        raise RuntimeError(msg)
+        raise _pd_error(system, x, tract_lambda)
 
 
-def tract_precondition(
+def _precondition(
         grad_w: torch.Tensor,
         stats: torch.Tensor,
-        num_rows: int,
+        num_rows: Union[int, torch.Tensor],
         tract_lambda: float,
-        rows_form: bool = False,
+        rows_form: bool,
+        x: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Apply (XᵀX/N + λI)⁻¹ from the right to an ordinary weight gradient.
-
-    Args:
-        grad_w: ordinary gradient GᵀX, (m, n) viewed per group as (groups, m/groups, n); any float dtype.
-        stats: XᵀX (groups, n, n) summed over rows, or with `rows_form` the rows X (groups, N, n) (Woodbury, N < n).
-        num_rows: N, the number of patch rows.
-        tract_lambda: λ > 0.
-    Returns:
-        The TrAct gradient, shape and dtype of `grad_w`.
-    """
     g, n = stats.shape[0], stats.shape[-1]
     p = grad_w.reshape(g, -1, n).to(stats.dtype)  # (g, m_g, n)
     if rows_form:
@@ -309,26 +422,49 @@ def tract_precondition(
         k = torch.matmul(rows, rows.transpose(1, 2))
         k.diagonal(dim1=1, dim2=2).add_(num_rows * tract_lambda)
         chol, info = torch.linalg.cholesky_ex(k)
-        _raise_if_not_pd(info, k)
+        _check_pd(info, k, x, tract_lambda)
         y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol)  # (g, N, m_g)
         out = (p - torch.matmul(y.transpose(1, 2), rows)) / tract_lambda
     else:
-        a = stats / max(num_rows, 1)
+        a = stats / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
         a.diagonal(dim1=1, dim2=2).add_(tract_lambda)
         chol, info = torch.linalg.cholesky_ex(a)
-        _raise_if_not_pd(info, a)
+        _check_pd(info, a, x, tract_lambda)
         out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
     return out.reshape(grad_w.shape).to(grad_w.dtype)
 
 
-def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, int]:
-    """All-reduce XᵀX and N over the default process group (no-op when not distributed)."""
+def tract_precondition(
+        grad_w: torch.Tensor,
+        stats: torch.Tensor,
+        num_rows: Union[int, torch.Tensor],
+        tract_lambda: float,
+        rows_form: bool = False,
+) -> torch.Tensor:
+    """Apply (XᵀX/N + λI)⁻¹ from the right to an ordinary weight gradient.
+
+    Args:
+        grad_w: ordinary gradient GᵀX, (m, n) viewed per group as (groups, m/groups, n); any float dtype.
+        stats: XᵀX (groups, n, n) summed over rows, or with `rows_form` the rows X (groups, N, n) (Woodbury, N < n).
+        num_rows: N, the number of patch rows (an int, or a 0-d tensor on the device of `stats`).
+        tract_lambda: λ > 0.
+    Returns:
+        The TrAct gradient, shape and dtype of `grad_w`.
+    Raises:
+        NotPositiveDefiniteError (CPU) when the system cannot be factorized (see `_check_pd` for accelerators).
+    """
+    return _precondition(grad_w, stats, num_rows, check_lambda(tract_lambda), rows_form, None)
+
+
+def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, Union[int, torch.Tensor]]:
+    """All-reduce XᵀX and N over the default process group (no-op when not distributed).
+
+    N comes back as a 0-d tensor on the Gram's device, so nothing waits for the device."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return gram, num_rows
-    count = torch.tensor([float(num_rows)], dtype=gram.dtype, device=gram.device)
-    flat = torch.cat([gram.reshape(-1), count])
+    flat = torch.cat([gram.reshape(-1), gram.new_full((1,), float(num_rows))])
     dist.all_reduce(flat)
-    return flat[:-1].view_as(gram), int(round(flat[-1].item()))
+    return flat[:-1].view_as(gram), flat[-1]
 
 
 def _autocast_off(device_type: str):
@@ -357,7 +493,7 @@ class _TrActWeightGrad(torch.autograd.Function):
         x, = ctx.saved_tensors
         n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
         num_rows = x[..., 0].numel() if ctx.geom is None else x.shape[0] * math.prod(_conv_out_size(x, ctx.geom))
-        rows_form = num_rows < n and not ctx.sync_gram
+        rows_form = num_rows < n and not ctx.sync_gram  # under sync_gram the n×n Gram is what the ranks all-reduce
         with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
             if ctx.geom is None:
                 stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
@@ -365,11 +501,27 @@ class _TrActWeightGrad(torch.autograd.Function):
                 stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
             if ctx.sync_gram:
                 stats, num_rows = _sync_gram(stats, num_rows)
-            grad = tract_precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form)
+            grad = _precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form, x)
         return grad, None, None, None, None
 
 
-def _tract_weight(weight: torch.Tensor, x: torch.Tensor, geom, tract_lambda: float, sync_gram: bool) -> torch.Tensor:
+def tract_weight(
+        weight: torch.Tensor,
+        x: torch.Tensor,
+        geom: Optional[ConvGeometry],
+        tract_lambda: float,
+        sync_gram: bool = False,
+) -> torch.Tensor:
+    """`weight` as it enters the layer's native op: the same values, with the TrAct weight gradient in backward.
+
+    Args:
+        weight: the layer weight, (C_out, C_in/groups, kh, kw) for a conv, (m, n) for a Linear.
+        x: the layer input, (B, C_in, H, W) for a conv (before any padding), (..., n) for a Linear.
+        geom: `conv_geometry(...)` of the conv, or None for a Linear.
+        tract_lambda: λ > 0 (not validated here; see `check_lambda`).
+        sync_gram: all-reduce XᵀX and N over the default process group in backward.
+    Returns the weight unchanged (no autograd op) when no gradient is needed.
+    """
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight
     return _TrActWeightGrad.apply(weight, x.detach(), geom, tract_lambda, sync_gram)
@@ -382,12 +534,13 @@ def conv_geometry(
         dilation: _IntPair = 1,
         groups: int = 1,
         padding_mode: str = 'zeros',
-) -> _ConvGeometry:
-    """How a conv with weight (C_out, C_in/groups, kh, kw) and these nn.Conv2d settings cuts its input into patches
-    (the `geom` of `patch_gram`)."""
+) -> ConvGeometry:
+    """How a conv with weight (C_out, C_in/groups, kh, kw) and these nn.Conv2d settings cuts its input into patches:
+    the `geom` of `tract_weight` and `patch_gram`, used by `tract_conv2d` and `TrActConv2d` alike. Padding: int, pair,
+    'same' (the extra pixel right/bottom, as torch pads) or 'valid'."""
     kernel_size = tuple(weight_shape[2:])
     dilation = _pair(dilation)
-    return _ConvGeometry(
+    return ConvGeometry(
         kernel_size=kernel_size,
         stride=_pair(stride),
         dilation=dilation,
@@ -424,7 +577,7 @@ def tract_conv2d(
         return tract_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, tract_lambda,
                             padding_mode, sync_gram).squeeze(0)
     geom = conv_geometry(weight.shape, stride, padding, dilation, groups, padding_mode)
-    w = _tract_weight(weight, x, geom, tract_lambda, sync_gram)
+    w = tract_weight(weight, x, geom, tract_lambda, sync_gram)
     if padding_mode != 'zeros':
         return F.conv2d(F.pad(x, geom.pad, mode=padding_mode), w, bias, stride, 0, dilation, groups)
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)
@@ -439,4 +592,4 @@ def tract_linear(
 ) -> torch.Tensor:
     """`F.linear` (x (..., n) → (..., m)) whose weight gradient is the TrAct gradient (rows = all leading positions)."""
     tract_lambda = check_lambda(tract_lambda)
-    return F.linear(x, _tract_weight(weight, x, None, tract_lambda, sync_gram), bias)
+    return F.linear(x, tract_weight(weight, x, None, tract_lambda, sync_gram), bias)

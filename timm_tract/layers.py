@@ -7,21 +7,36 @@ Each layer is its torch base class with one change: the weight gradient is Gᵀ 
 (see `timm_tract.functional`). Forward, state dict, bias and input gradients are those of the base class, so TrAct
 weights are plain timm weights. TorchScript: a scripted TrAct layer computes the plain forward and trains with
 the ordinary gradient (the TrAct backward is a Python autograd Function that TorchScript cannot save).
+
+`tract_lambda` is validated on every assignment (`layer.tract_lambda = -1` raises), and `apply_tract` checks every
+layer it is asked to convert before it converts any: a call that raises leaves the model as it was.
 """
-from typing import Iterator, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from .functional import DEFAULT_LAMBDA, _ConvGeometry, _tract_weight, check_lambda
+from .errors import TrActArgumentError, TrActTypeError
+from .functional import DEFAULT_LAMBDA, check_lambda, conv_geometry, tract_weight
 
 __all__ = ['TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer']
+
+
+def _get_lambda(self) -> float:
+    return self._tract_lambda
+
+
+def _set_lambda(self, value: float) -> None:
+    self._tract_lambda = check_lambda(value)
 
 
 @register_notrace_module
 class TrActConv2d(nn.Conv2d):
     """nn.Conv2d whose weight gradient is the TrAct gradient (every nn.Conv2d option; N = B·H_out·W_out rows)."""
+
+    tract_lambda = property(_get_lambda, _set_lambda, doc='λ > 0 of the TrAct gradient (validated on assignment).')
+    __jit_unused_properties__ = ['tract_lambda']  # TorchScript: the scripted layer does not use λ
 
     def __init__(
             self,
@@ -40,10 +55,11 @@ class TrActConv2d(nn.Conv2d):
             tract_lambda: float = DEFAULT_LAMBDA,
             sync_gram: bool = False,
     ):
+        tract_lambda = check_lambda(tract_lambda)
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
             groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        self.tract_lambda = check_lambda(tract_lambda)
+        self.tract_lambda = tract_lambda
         self.sync_gram = bool(sync_gram)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,16 +69,9 @@ class TrActConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
-        geom = _ConvGeometry(
-            kernel_size=tuple(self.kernel_size),
-            stride=tuple(self.stride),
-            dilation=tuple(self.dilation),
-            pad=tuple(self._reversed_padding_repeated_twice),  # what nn.Conv2d pads (left, right, top, bottom)
-            padding_mode=self.padding_mode,
-            groups=self.groups,
-        )
+        geom = conv_geometry(self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
         x4 = x.unsqueeze(0) if x.dim() == 3 else x
-        return _tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram)
+        return tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
@@ -71,6 +80,9 @@ class TrActConv2d(nn.Conv2d):
 @register_notrace_module
 class TrActLinear(nn.Linear):
     """nn.Linear whose weight gradient is the TrAct gradient; input (..., in_features), N = all leading positions."""
+
+    tract_lambda = property(_get_lambda, _set_lambda, doc='λ > 0 of the TrAct gradient (validated on assignment).')
+    __jit_unused_properties__ = ['tract_lambda']  # TorchScript: the scripted layer does not use λ
 
     def __init__(
             self,
@@ -83,8 +95,9 @@ class TrActLinear(nn.Linear):
             tract_lambda: float = DEFAULT_LAMBDA,
             sync_gram: bool = False,
     ):
+        tract_lambda = check_lambda(tract_lambda)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.tract_lambda = check_lambda(tract_lambda)
+        self.tract_lambda = tract_lambda
         self.sync_gram = bool(sync_gram)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +107,7 @@ class TrActLinear(nn.Linear):
 
     @torch.jit.unused
     def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return _tract_weight(self.weight, x, None, self.tract_lambda, self.sync_gram)
+        return tract_weight(self.weight, x, None, self.tract_lambda, self.sync_gram)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
@@ -119,28 +132,43 @@ def _first_conv_names(model: nn.Module) -> Tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _named_first_layers(model: nn.Module, layer: Optional[Union[str, Tuple[str, ...]]]) -> Iterator[Tuple[str, nn.Module]]:
+_LayerArg = Optional[Union[str, Sequence[str]]]
+
+
+def _layer_names(model: nn.Module, layer: _LayerArg) -> Tuple[str, ...]:
+    """The module paths `layer` names (default: timm's `first_conv`, else the first Conv2d/Linear); a TypeError naming
+    `layer` unless it is None, a path or a list/tuple of paths."""
     if layer is None:
         names = _first_conv_names(model)
-        if not names:
-            for name, module in model.named_modules():
-                if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    yield name, module
-                    return
-            raise ValueError(
-                f'{type(model).__name__} has no `first_conv` in its pretrained_cfg and no nn.Conv2d/nn.Linear layer; '
-                f'pass layer="<module path>" to apply_tract.')
-    else:
-        names = (layer,) if isinstance(layer, str) else tuple(layer)
-    for name in names:
+        if names:
+            return names
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                return (name,)
+        raise TrActArgumentError(
+            f'{type(model).__name__} has no `first_conv` in its pretrained_cfg and no nn.Conv2d/nn.Linear layer; '
+            f'pass layer="<module path>" to apply_tract.')
+    names = (layer,) if isinstance(layer, str) else layer
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise TrActTypeError(
+            f'layer must be a module path (str) or a non-empty list/tuple of paths, got {type(layer).__name__} '
+            f'{layer!r}; e.g. layer="conv1" (see model.named_modules()), or leave it None for the first layer.')
+    return tuple(names)
+
+
+def _named_first_layers(model: nn.Module, layer: _LayerArg) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of every layer `layer` names, all resolved before anything is returned."""
+    out = []
+    for name in _layer_names(model, layer):
         name = name[:-len('.weight')] if name.endswith('.weight') else name
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(
+            raise TrActArgumentError(
                 f'Layer "{name}" does not exist in {type(model).__name__}; pass layer="<module path>" naming one of '
                 f'its nn.Conv2d/nn.Linear modules (see model.named_modules()).') from None
-        yield name, module
+        out.append((name, module))
+    return out
 
 
 def find_first_layer(model: nn.Module) -> Tuple[str, ...]:
@@ -152,32 +180,34 @@ def find_first_layer(model: nn.Module) -> Tuple[str, ...]:
 def apply_tract(
         model: nn.Module,
         tract_lambda: float = DEFAULT_LAMBDA,
-        layer: Optional[Union[str, Tuple[str, ...]]] = None,
+        layer: _LayerArg = None,
         sync_gram: bool = False,
 ) -> nn.Module:
     """Make the model's first layer a TrAct layer, in place; returns the model.
 
     Args:
         model: any nn.Module (timm models record their stem in `pretrained_cfg['first_conv']`).
-        tract_lambda: λ > 0 (paper: 0.1 default, 0.05 short runs, 0.2 long runs, for inputs standardized to mean 0 / std 1).
-        layer: module path (or tuple of paths) to convert; default timm's `first_conv`, else the first
+        tract_lambda: λ > 0, any real number (paper: 0.1 default, 0.05 short runs, 0.2 long runs, for inputs
+            standardized to mean 0 / std 1).
+        layer: module path (or list/tuple of paths) to convert; default timm's `first_conv`, else the first
             nn.Conv2d / nn.Linear in module order.
         sync_gram: under DDP, all-reduce XᵀX and N so every rank uses the global-batch statistics.
 
     The module object, its Parameters (an optimizer built before keeps working), hooks, device and dtype are kept:
     only its class changes to TrActConv2d / TrActLinear. A layer that is already TrAct gets the new λ.
+    Every argument and every named layer is checked first: a call that raises changes nothing.
     """
     tract_lambda = check_lambda(tract_lambda)
-    for name, module in _named_first_layers(model, layer):
-        if is_tract_layer(module):
-            pass
-        elif type(module) in _TRACT_CLASS:
-            module.__class__ = _TRACT_CLASS[type(module)]
-        else:
-            raise TypeError(
+    layers = _named_first_layers(model, layer)
+    for name, module in layers:
+        if not is_tract_layer(module) and type(module) not in _TRACT_CLASS:
+            raise TrActTypeError(
                 f'TrAct covers nn.Conv2d and nn.Linear layers, but "{name}" is {type(module).__module__}.'
                 f'{type(module).__name__} (a subclass with its own forward, or another layer type). '
                 f'Pass layer="<module path>" naming a plain nn.Conv2d/nn.Linear, or use TrActConv2d/TrActLinear directly.')
+    for _, module in layers:
+        if not is_tract_layer(module):
+            module.__class__ = _TRACT_CLASS[type(module)]
         module.tract_lambda = tract_lambda
         module.sync_gram = bool(sync_gram)
     return model
@@ -188,5 +218,6 @@ def remove_tract(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in _BASE_CLASS:
             module.__class__ = _BASE_CLASS[type(module)]
-            del module.tract_lambda, module.sync_gram
+            for attr in ('_tract_lambda', 'sync_gram'):
+                module.__dict__.pop(attr, None)
     return model
