@@ -217,3 +217,106 @@ def test_state_dict_interchanges_with_plain_layers():
     tract.eval(), plain.eval()
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(tract(x), plain(x))
+
+
+# --- failures change nothing (issue 9 items 3 and 8) ---
+
+def _snapshot(model):
+    return [(name, type(m), m.__dict__.get('_tract_lambda')) for name, m in model.named_modules()], \
+        [(name, p) for name, p in model.named_parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    modules, params = _snapshot(model)
+    assert modules == snapshot[0]
+    assert len(params) == len(snapshot[1]) and all(
+        n == n0 and p is p0 for (n, p), (n0, p0) in zip(params, snapshot[1]))
+
+
+@pytest.mark.parametrize('layer,error,fix', [
+    (('0', 'missing.conv'), ValueError, 'does not exist.*layer="<module path>"'),
+    (['0', '1'], TypeError, 'BatchNorm2d.*plain nn.Conv2d'),
+])
+def test_apply_tract_list_with_one_invalid_layer_converts_none(layer, error, fix):
+    model = _small_net(tract=False)
+    before = _snapshot(model)
+    with pytest.raises(error, match=fix):
+        apply_tract(model, layer=layer)
+    _assert_unchanged(model, before)
+    assert type(model[0]) is nn.Conv2d  # the valid first entry was not converted either
+    apply_tract(model, layer=['0', '5'])  # control: a list of valid layers converts them all
+    assert type(model[0]) is TrActConv2d and type(model[5]) is TrActLinear
+
+
+def test_apply_tract_bad_lambda_on_tract_model_keeps_old_lambda():
+    model = _small_net(tract=False)
+    apply_tract(model, 0.2)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match='tract_lambda.*paper default 0.1'):
+        apply_tract(model, -1)
+    _assert_unchanged(model, before)
+    assert model[0].tract_lambda == 0.2
+
+
+@pytest.mark.parametrize('layer', [5, 0.5, ('0', 3), [], b'0', {'0': 1}])
+def test_apply_tract_layer_of_wrong_type_is_type_error_naming_layer(layer):
+    from timm_tract.errors import TrActTypeError
+    model = _small_net(tract=False)
+    before = _snapshot(model)
+    with pytest.raises(TrActTypeError, match=r'^layer must be a module path.*e\.g\. layer="conv1"'):
+        apply_tract(model, layer=layer)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize('bad', [-1, 0, float('nan'), True, 'x'])
+def test_assigning_bad_lambda_to_tract_layer_is_refused(bad):
+    for layer in (TrActConv2d(3, 4, 3, tract_lambda=0.3), TrActLinear(3, 4, tract_lambda=0.3)):
+        with pytest.raises((ValueError, TypeError), match='tract_lambda') as info:
+            layer.tract_lambda = bad
+        assert 'paper default 0.1' in str(info.value) or 'Pass a float' in str(info.value)
+        assert layer.tract_lambda == 0.3
+    conv = _small_net(tract=False)[0]
+    apply_tract(nn.Sequential(conv))  # a converted layer validates too
+    with pytest.raises((ValueError, TypeError), match='tract_lambda'):
+        conv.tract_lambda = bad
+    assert conv.tract_lambda == 0.1
+
+
+def test_lambda_assignment_accepts_real_numbers_and_remove_tract_cleans_up():
+    import numpy as np
+    layer = TrActConv2d(3, 4, 3)
+    layer.tract_lambda = np.float32(0.25)
+    assert type(layer.tract_lambda) is float and layer.tract_lambda == pytest.approx(0.25)
+    layer.tract_lambda = torch.tensor(0.5)
+    assert layer.tract_lambda == 0.5
+    model = nn.Sequential(layer)
+    remove_tract(model)
+    assert type(model[0]) is nn.Conv2d and not hasattr(model[0], 'tract_lambda')
+    assert not hasattr(model[0], '_tract_lambda') and not hasattr(model[0], 'sync_gram')
+
+
+def _fails_pd(layer, x):
+    from timm_tract.errors import NotPositiveDefiniteError
+    before = layer.weight.detach().clone()
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        layer(x).sum().backward()
+    assert layer.weight.grad is None and torch.equal(layer.weight, before)
+    return str(info.value)
+
+
+@pytest.mark.parametrize('make', [lambda: TrActConv2d(3, 4, 3), lambda: TrActLinear(27, 4)], ids=['conv', 'linear'])
+def test_not_positive_definite_error_tells_nan_input_from_huge_scale(make):
+    torch.manual_seed(0)
+    shape = (2, 3, 8, 8) if isinstance(make(), nn.Conv2d) else (40, 27)
+    x = torch.randn(shape)
+    x.view(-1)[5] = float('nan')
+    msg = _fails_pd(make(), x)
+    assert 'NaN/Inf value(s)' in msg and 'Check the input batch' in msg and 'scale' not in msg
+    huge = torch.randn(shape) * 1e25  # finite, but XᵀX/N overflows float32
+    assert torch.isfinite(huge).all()
+    msg = _fails_pd(make(), huge)
+    assert 'finite but its scale (max |x| = ' in msg and 'Standardize the input' in msg and 'NaN' not in msg
+    # the same input in float64 is fine: the scale, not the data, is the problem
+    layer = make().double()
+    layer(huge.double()).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()

@@ -457,10 +457,11 @@ def tract_precondition(
 
 
 def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, Union[int, torch.Tensor]]:
-    """All-reduce XᵀX and N over the default process group (no-op when not distributed).
+    """All-reduce XᵀX and N over the default process group (no-op when none is initialized; a 1-process group runs
+    the collective too, so single-GPU runs exercise the multi-GPU path).
 
     N comes back as a 0-d tensor on the Gram's device, so nothing waits for the device."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return gram, num_rows
     flat = torch.cat([gram.reshape(-1), gram.new_full((1,), float(num_rows))])
     dist.all_reduce(flat)
