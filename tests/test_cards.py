@@ -90,8 +90,9 @@ def test_training_command_reproduces_the_args(cifar_run):
     argv = shlex.split(cmd.replace('\\\n', ' '))
     assert argv[:2] == ['timm-tract', 'train'] and argv[2:4] == ['--model', 'test_resnet_tract.r160_in1k']
     parsed = vars(build_train_parser().parse_args(argv[2:]))
+    assert parsed['data_dir'] == '<DATA_DIR>' and args['data_dir'] not in cmd  # no local path in a published file
     for key in parsed:
-        if key in args and key not in ('output', 'experiment'):
+        if key in args and key not in ('output', 'experiment', 'data_dir'):
             assert parsed[key] == args[key] or list(parsed[key]) == list(args[key]), key
     # a timm train.py run (no tract_lambda): train.py with its own flags, plugin import included
     train_py = dict(args, device_modules=['timm_tract'], opt='tract-sgd', bce_loss=True)

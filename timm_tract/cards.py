@@ -1,8 +1,19 @@
-""" Model cards for TrAct runs: computed model stats, the training command, and the README.md rendered with Jinja2
-from the templates in `model_cards/` (front matter through huggingface_hub's `ModelCardData`).
+""" Model cards for TrAct runs: what a card states and how it is rendered.
+
+Card content is computed here from a run's numbers (model stats, per-epoch results, the `timm-tract compare` table),
+never pasted from files: a compare report's values are type-checked and its sentences re-rendered from them. What
+reaches a published file is public: local paths in the training command and hyper-parameters become placeholders
+(`--data-dir <DATA_DIR>`), and the data set is named by its real name (a known data set's Hub id, the name in a
+timm-tract data manifest, else the folder name). Epochs are counted from 1 everywhere a person reads them.
+The README.md is rendered with Jinja2 from the templates in `model_cards/` (front matter through huggingface_hub's
+`ModelCardData`).
 """
 import argparse
 import dataclasses
+import json
+import math
+import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -10,19 +21,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'TEMPLATE_DIR']
+from .naming import TRACT_BIBTEX, TRACT_PAPER_ID
+
+__all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'public_args', 'dataset_names',
+           'results_rows', 'comparison_section', 'TEMPLATE_DIR']
 
 # installed wheel: packaged as timm_tract/model_cards; source checkout / editable install: model_cards/ at the top
 _PACKAGED_TEMPLATES = Path(__file__).resolve().parent / 'model_cards'
 TEMPLATE_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else Path(__file__).resolve().parent.parent / 'model_cards'
 
-TRACT_PAPER = 'arXiv:2410.23970'
-_TRACT_BIBTEX = """@inproceedings{petersen2024tract,
-  title={TrAct: Making First-layer Pre-Activations Trainable},
-  author={Petersen, Felix and Borgelt, Christian and Ermon, Stefano},
-  booktitle={Conference on Neural Information Processing Systems (NeurIPS)},
-  year={2024}
-}"""
 _TIMM_BIBTEX = """@misc{rw2019timm,
   author = {Ross Wightman},
   title = {PyTorch Image Models},
@@ -38,11 +45,132 @@ _NON_RECIPE_ARGS = frozenset({
     'output', 'experiment', 'resume', 'config', 'data', 'log_wandb', 'wandb_project', 'wandb_tags',
     'wandb_resume_id', 'rank', 'world_size', 'local_rank', 'distributed', 'device_id', 'result',
 })
+# path-valued arguments, written as placeholders in anything published
+_PATH_PLACEHOLDERS = {
+    'data_dir': '<DATA_DIR>', 'data': '<DATA_DIR>', 'class_map': '<CLASS_MAP>', 'initial_checkpoint': '<CHECKPOINT>',
+    'resume': '<CHECKPOINT>', 'output': '<OUTPUT_DIR>', 'pretrained_path': '<CHECKPOINT>', 'config': '<CONFIG>',
+}
+_LOCAL_MODEL_PREFIXES = ('local-dir:', 'file:')
+
+# timm dataset names -> (display name, Hub dataset id)
+KNOWN_DATASETS = {
+    'torch/cifar10': ('CIFAR-10', 'uoft-cs/cifar10'),
+    'torch/cifar100': ('CIFAR-100', 'uoft-cs/cifar100'),
+    'torch/mnist': ('MNIST', 'ylecun/mnist'),
+    'torch/fashion_mnist': ('Fashion-MNIST', 'zalando-datasets/fashion_mnist'),
+    'torch/imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
+    'imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
+}
+_DATA_MANIFEST = 'timm_tract_data.json'  # written by `timm-tract data` next to the data it prepares
+_SAFE_TEXT = re.compile(r'^[\w.+\-/ ()]{1,100}$')  # labels and names taken from files: plain words only
+
+
+def _public_value(key: str, value: Any) -> Any:
+    """A recipe value fit for publishing: local paths become placeholders."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key in _PATH_PLACEHOLDERS:
+        return _PATH_PLACEHOLDERS[key]
+    if value.startswith(_LOCAL_MODEL_PREFIXES):
+        return value.split(':', 1)[0] + ':<MODEL_DIR>'
+    if os.path.isabs(value) or value.startswith('~'):
+        return '<PATH>'
+    return value
+
+
+def public_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """The run's args with every local path replaced by a placeholder (`data_dir: <DATA_DIR>`): what is published as
+    `train_hparams.yaml`."""
+    return {k: _public_value(k, v) for k, v in args.items()}
+
+
+def _safe_text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and _SAFE_TEXT.match(value) else None
+
+
+def dataset_names(args: Mapping[str, Any], name: Optional[str] = None,
+                  dataset_id: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(display name, Hub data set id) of the run's data: `name`/`dataset_id` when given, else a known timm data set,
+    `hfds/<id>`, the name in a timm-tract data manifest next to the data, else the data folder's name."""
+    ds = str(args.get('dataset') or '')
+    known_name, known_id = KNOWN_DATASETS.get(ds.lower(), (None, None))
+    if ds.startswith(('hfds/', 'hfids/')):
+        known_name = known_id = ds.split('/', 1)[1]
+    data_dir = args.get('data_dir')
+    if known_name is None and isinstance(data_dir, str) and data_dir:
+        try:
+            manifest = json.loads((Path(data_dir) / _DATA_MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        manifest = manifest if isinstance(manifest, dict) else {}
+        known_name = _safe_text(manifest.get('display_name')) or _safe_text(manifest.get('name'))
+        known_id = known_id or _safe_text(manifest.get('hub_id'))
+        known_name = known_name or Path(data_dir).name
+    return name or known_name or ds or 'unknown', dataset_id or known_id
+
+
+def _format_number(value: Optional[float]) -> str:
+    if value is None:
+        return ''
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e6 else f'{value:.4g}'
+
+
+def results_rows(history: Sequence[Mapping[str, Optional[float]]], limit: int = 20) -> List[Dict[str, str]]:
+    """Per-epoch rows for the card (at most `limit`, evenly spaced, the last always kept); epochs counted from 1."""
+    keys = ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
+    rows = [{'epoch': str(int(r['epoch']) + 1), **{k: _format_number(r.get(k)) for k in keys}} for r in history]
+    if len(rows) > limit:
+        step = len(rows) / (limit - 1)
+        rows = [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
+    return rows
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _table_rows(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for r in report.get('table') or []:
+        if not isinstance(r, dict):
+            continue
+        method, epochs, n, mean, std = r.get('method'), r.get('epochs'), r.get('n', 0), r.get('mean'), r.get('std', 0.)
+        if (method in ('baseline', 'tract') and _is_int(epochs) and epochs > 0 and _is_int(n) and _is_real(mean)
+                and 0 <= mean <= 100 and _is_real(std) and std >= 0):
+            rows.append({'method': method, 'epochs': epochs, 'n': n, 'mean': float(mean), 'std': float(std)})
+    return rows
+
+
+def comparison_section(report: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Card section from a `timm-tract compare` report: the top-1 table (mean ± std over seeds) and the speed-up,
+    both rendered here from the report's type-checked numbers; entries of the wrong type are left out."""
+    from .compare import speedup
+    rows = _table_rows(report or {})
+    if not rows:
+        return None
+    try:
+        summary = speedup(rows)['text']
+    except (ValueError, KeyError):
+        summary = 'No speed-up was measured.'
+    seeds = [s for s in (report.get('seeds') or []) if _is_int(s)]
+    if seeds:
+        summary += (f" Baseline and TrAct were trained with the same recipe and data order, seeds "
+                    f"{', '.join(map(str, seeds))}.")
+    labels = {'baseline': _safe_text(report.get('baseline_label')) or 'baseline',
+              'tract': _safe_text(report.get('tract_label')) or 'TrAct'}
+    return {'summary': summary, 'columns': ['method', 'epochs', 'seeds', 'top-1 (%)'],
+            'rows': [[labels[r['method']], str(r['epochs']), str(r['n']), f"{r['mean']:.2f} ± {r['std']:.2f}"]
+                     for r in rows]}
 
 
 @dataclasses.dataclass
 class CardInputs:
-    """Everything a model card states; accuracies in percent (as timm's summary.csv), image size (H, W) in pixels."""
+    """Everything a model card states; accuracies in percent (as timm's summary.csv), image size (H, W) in pixels,
+    `epoch` the checkpoint's epoch as timm stores it (from 0; the card shows it from 1)."""
     repo_id: str
     base_arch: str
     tract_arch: str
@@ -114,7 +242,8 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 
 def training_command(args: Mapping[str, Any], parser: Optional[argparse.ArgumentParser] = None) -> str:
-    """The command line that reproduces a run from its `args.yaml`.
+    """The command line that reproduces a run from its `args.yaml`, with local paths as placeholders
+    (`--data-dir <DATA_DIR>`).
 
     `timm-tract train` when the run has `tract_lambda` (our trainer), else timm's `python train.py`. Flags come from
     `parser` (default: `timm-tract train`'s, whose names are train.py's): values equal to the parser default are left
@@ -132,6 +261,7 @@ def training_command(args: Mapping[str, Any], parser: Optional[argparse.Argument
     for key, value in ordered:
         if key in _NON_RECIPE_ARGS:
             continue
+        value = _public_value(key, value)
         action = actions.get(key)
         if action is None:
             if ours and actions:
@@ -220,8 +350,8 @@ def render_model_card(info: CardInputs, template_dir: Optional[Path] = None) -> 
         image_size=f'{h} x {w}',
         input_h=h,
         input_w=w,
-        tract_paper=TRACT_PAPER,
-        citations=[_TRACT_BIBTEX, _TIMM_BIBTEX],
+        tract_paper=TRACT_PAPER_ID,
+        citations=[TRACT_BIBTEX, _TIMM_BIBTEX],
         overlay_kwargs=_overlay_kwargs(info),
         top_k=min(5, info.num_classes),
     )

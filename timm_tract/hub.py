@@ -1,21 +1,26 @@
 """ Publish a TrAct training run to the Hugging Face Hub: a timm-loadable repository with a model card.
 
-A run directory is timm's train.py layout (also written by `timm-tract train`): `args.yaml`, `summary.csv`,
-`model_best.pth.tar`, `last.pth.tar`, `checkpoint-*.pth.tar`; `timm-tract compare` adds `report.json` and an
-accuracy plot in a parent directory. The repository folder holds:
+The steps follow timm's own split (`save_for_hf` writes, `generate_readme` formats, `push_to_hf_hub` uploads):
+`timm_tract.rundir.read_run` reads the run, `build_repo_folder` writes the repository folder (weights and config
+through timm's `save_for_hf`, the card through `timm_tract.cards`), `publish` uploads it in one commit. Both take one
+`PublishOptions`. The folder holds:
 
   model.safetensors   the chosen checkpoint's weights (EMA when present), no optimizer state, no pickle
   config.json         timm's schema for the *base* architecture (`timm.create_model('hf-hub:ORG/NAME')` needs only
                       timm), label names, data config and a `tract` block (λ, layer, the `*_tract` twin)
   README.md           model card (`timm_tract.cards`)
-  train_hparams.yaml  the run's args.yaml; results.csv: its summary.csv; the accuracy plot PNG when there is one
+  train_hparams.yaml  the run's args, local paths as placeholders; results.csv: its summary.csv;
+                      accuracy.png: the compare plot, for runs of `timm-tract compare`
+
+Guarantees: the repo id is checked with huggingface_hub's own validator before anything is read; the folder is
+built in a temporary directory and renamed into place (a failure leaves nothing, also no empty `RUN_DIR/hub/`); every
+Hub call (create, list, branch, the commit with its LFS upload) is retried on network and 5xx/429 errors with
+exponential backoff, then fails with one message naming the stage.
 """
-import csv
 import dataclasses
-import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,44 +28,66 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-from .cards import TRACT_PAPER, CardInputs, model_stats, render_model_card, training_command
+from . import rundir
+from .cards import (CardInputs, comparison_section, dataset_names, model_stats, public_args, render_model_card,
+                    results_rows, training_command)
+from .errors import PublishError, RunDirError
+from .functional import DEFAULT_LAMBDA
+from .naming import TRACT_PAPER_ID, is_tract_optimizer, tract_base_arch, twin_name
 from .version import __version__
 
-__all__ = ['PublishError', 'PublishResult', 'RunInfo', 'read_run', 'build_repo_folder', 'publish']
+__all__ = ['PublishError', 'PublishOptions', 'PublishResult', 'RunInfo', 'read_run', 'read_label_names',
+           'build_repo_folder', 'publish']
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+RunInfo = rundir.RunInfo
 T = TypeVar('T')
 
-# timm dataset names -> (display name, Hub dataset id)
-_KNOWN_DATASETS = {
-    'torch/cifar10': ('CIFAR-10', 'uoft-cs/cifar10'),
-    'torch/cifar100': ('CIFAR-100', 'uoft-cs/cifar100'),
-    'torch/mnist': ('MNIST', 'ylecun/mnist'),
-    'torch/fashion_mnist': ('Fashion-MNIST', 'zalando-datasets/fashion_mnist'),
-    'torch/imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
-    'imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
-}
 _CIFAR10_LABELS = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 _TRAIN_SPLITS = ('train', 'training')
-_CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-class PublishError(RuntimeError):
-    """A run could not be turned into a repository or uploaded; the message says why and what to do."""
+_CFG_KEYS_NOT_PUBLISHED = ('paper_name', 'description', 'notes', 'origin_url', 'test_input_size', 'test_crop_pct',
+                           'label_names', 'label_descriptions', 'file', 'tract_lambda')
 
 
 @dataclasses.dataclass
-class RunInfo:
-    """What a run directory holds: its args, per-epoch results, the chosen checkpoint and comparison report."""
-    run_dir: Path
-    args: Dict[str, Any]
-    args_text: str
-    summary: List[Dict[str, str]]
-    checkpoint_path: Path
-    checkpoint_kind: str
-    report: Optional[Dict[str, Any]] = None
-    plot: Optional[Path] = None
+class PublishOptions:
+    """How to turn a run into a repository (first group) and how to upload it (second group).
+
+    checkpoint: 'best', 'last' or a checkpoint path; use_ema: publish EMA weights when the checkpoint has them;
+    label_names: class names (default: from the data); dataset_name/dataset_id: the card's data set (default: known
+    from the run); base_model: Hub repo the run was fine-tuned from (default: from the run's args).
+    token: Hub token (default HF_TOKEN / login; never printed or written); overwrite: replace the files of a repo that
+    has some (else refused); retries: per Hub call, on network and 5xx/429 errors, waiting backoff·2^k seconds.
+    """
+    checkpoint: str = 'best'
+    use_ema: bool = True
+    license: str = 'apache-2.0'
+    label_names: Optional[Sequence[str]] = None
+    dataset_name: Optional[str] = None
+    dataset_id: Optional[str] = None
+    base_model: Optional[str] = None
+    token: Optional[str] = None
+    endpoint: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+    commit_message: Optional[str] = None
+    create_pr: bool = False
+    overwrite: bool = False
+    retries: int = 4
+    backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise PublishError(f'retries must be an integer >= 0, got {self.retries!r}')
+        if not isinstance(self.backoff, (int, float)) or self.backoff < 0:
+            raise PublishError(f'backoff must be a number of seconds >= 0, got {self.backoff!r}')
+        if not isinstance(self.checkpoint, (str, os.PathLike)) or not str(self.checkpoint):
+            raise PublishError(f'checkpoint must be best, last or a checkpoint path, got {self.checkpoint!r}')
+        if self.label_names is not None and not all(isinstance(n, str) and n for n in self.label_names):
+            raise PublishError('label names must be non-empty strings')
 
 
 @dataclasses.dataclass
@@ -74,126 +101,82 @@ class PublishResult:
     manifest_entry: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _log(msg: str) -> None:
-    print(f'[timm-tract publish] {msg}', file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- reading a run
-def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
-    """Read a train.py-layout run; `checkpoint` is 'best', 'last' or a path to a `.pth.tar`/state-dict file."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PublishError(f'run directory {run_dir} does not exist')
-    args_path = run_dir / 'args.yaml'
-    if not args_path.is_file():
-        raise PublishError(
-            f'{run_dir} has no args.yaml: pass the output directory of timm-tract train or timm\'s train.py '
-            f'(the folder holding args.yaml, summary.csv and model_best.pth.tar)')
-    args_text = args_path.read_text()
-    args = yaml.safe_load(args_text) or {}
-    if not isinstance(args, dict) or not args.get('model'):
-        raise PublishError(f'{args_path} does not name a model (no `model:` entry)')
-
-    if checkpoint in _CHECKPOINT_FILES:
-        ckpt_path = run_dir / _CHECKPOINT_FILES[checkpoint]
-        if not ckpt_path.is_file():
-            others = sorted(p.name for p in run_dir.glob('*.pth.tar'))
-            raise PublishError(
-                f'{run_dir} has no {ckpt_path.name}; available checkpoints: {others or "none"}; '
-                f'use --checkpoint last|best|PATH')
-        kind = checkpoint
-    else:
-        ckpt_path = Path(checkpoint)
-        if not ckpt_path.is_absolute() and not ckpt_path.exists():
-            ckpt_path = run_dir / checkpoint
-        if not ckpt_path.is_file():
-            raise PublishError(f'checkpoint {checkpoint} not found (also looked in {run_dir})')
-        kind = ckpt_path.name
-
-    summary: List[Dict[str, str]] = []
-    if (run_dir / 'summary.csv').is_file():
-        with open(run_dir / 'summary.csv', newline='') as f:
-            summary = [row for row in csv.DictReader(f) if row.get('epoch') not in (None, '', 'epoch')]
-    report, plot = _find_comparison(run_dir)
-    return RunInfo(run_dir, args, args_text, summary, ckpt_path, kind, report, plot)
-
-
-def _find_comparison(run_dir: Path) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
-    """`report.json` of `timm-tract compare` in the run dir or up to two parents, and an accuracy plot PNG."""
-    for d in (run_dir, run_dir.parent, run_dir.parent.parent):
-        report_path = d / 'report.json'
-        if report_path.is_file():
-            try:
-                report = json.loads(report_path.read_text())
-            except json.JSONDecodeError as e:
-                raise PublishError(f'{report_path} is not valid JSON ({e}); fix or remove it') from e
-            return report, _find_plot(run_dir, d, report)
-    return None, _find_plot(run_dir, None, None)
-
-
-def _find_plot(run_dir: Path, report_dir: Optional[Path], report: Optional[dict]) -> Optional[Path]:
-    if report:
-        for key in ('plot', 'plot_png', 'plot_path', 'figure'):
-            name = report.get(key)
-            if isinstance(name, str) and (report_dir / name).is_file():
-                return report_dir / name
-    for d in (run_dir, report_dir):
-        if d is not None:
-            pngs = sorted(d.glob('*.png'))
-            if pngs:
-                return pngs[0]
-    return None
-
-
-def _load_weights(path: Path, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], bool]:
-    """(state_dict, checkpoint metadata, whether EMA weights were taken); optimizer state is never kept."""
-    from timm.models import clean_state_dict
-    from timm.utils import load_checkpoint_metadata
-
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path)), {}, False
+def _options(options: Optional[PublishOptions], kwargs: Dict[str, Any]) -> PublishOptions:
+    if options is not None and kwargs:
+        raise TypeError('pass either a PublishOptions or keyword options, not both')
+    if options is not None:
+        return options
     try:
-        ckpt = load_checkpoint_metadata(str(path))
-    except Exception as e:
-        raise PublishError(
-            f'cannot read checkpoint {path} safely ({type(e).__name__}: {e}); only tensors, numbers and '
-            f'argparse args are accepted (torch.load weights_only)') from e
-    if not isinstance(ckpt, dict):
-        raise PublishError(f'{path} is not a checkpoint dict')
-    if 'state_dict' not in ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return clean_state_dict(ckpt), {}, False
-    if 'state_dict' not in ckpt:
-        raise PublishError(f'{path} has no state_dict (keys: {sorted(ckpt)})')
-    ema = use_ema and isinstance(ckpt.get('state_dict_ema'), dict) and len(ckpt['state_dict_ema']) > 0
-    sd = ckpt['state_dict_ema'] if ema else ckpt['state_dict']
-    sd = {k[len('_orig_mod.'):] if k.startswith('_orig_mod.') else k: v for k, v in clean_state_dict(sd).items()}
-    meta = {k: v for k, v in ckpt.items() if k in ('epoch', 'arch', 'metric', 'version')}
-    return sd, meta, ema
+        return PublishOptions(**kwargs)
+    except TypeError as e:
+        raise TypeError(f'unknown publish option ({e}); see timm_tract.hub.PublishOptions') from None
+
+
+def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
+    """`timm_tract.rundir.read_run`, its errors as PublishError."""
+    try:
+        return rundir.read_run(run_dir, checkpoint)
+    except RunDirError as e:
+        raise PublishError(str(e)) from None
+
+
+def read_label_names(path: PathLike) -> List[str]:
+    """Class names from a text file, one per line (blank lines ignored)."""
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PublishError(f'cannot read the label names file {path} ({type(e).__name__}: '
+                           f'{getattr(e, "strerror", None) or e}); give a text file with one class name per line')
+    if not names:
+        raise PublishError(f'the label names file {path} is empty; give one class name per line')
+    return names
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ORG/NAME, valid for the Hub (huggingface_hub's own validator)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    parts = repo_id.split('/') if isinstance(repo_id, str) else []
+    if len(parts) != 2 or not all(parts):
+        raise PublishError(f'--repo-id must be ORG/NAME (e.g. myname/resnet18_tract.tract_cifar10), got {repo_id!r}')
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PublishError(f'--repo-id {repo_id!r} is not a valid Hub repo id ({" ".join(str(e).split())}); use '
+                           f'ORG/NAME with letters, digits, "-", "_" and "."') from None
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _split_model_name(name: str) -> Tuple[str, str]:
-    """'resnet18_tract.a1_in1k' -> ('resnet18_tract', 'a1_in1k')."""
-    arch, _, tag = name.partition('.')
-    return arch, tag
+def _run_arch(run: RunInfo, meta: Dict[str, Any]) -> str:
+    """The architecture the run trained: recorded by `timm-tract train` (`architecture`), else the checkpoint's or the
+    args' model name without its tag."""
+    from timm.models import split_model_name_tag
+    recorded = run.args.get('architecture')
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    name = str(meta.get('arch') or run.args['model'])
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        raise PublishError(f'{run.run_dir} was trained from {name}, and its args.yaml does not record the '
+                           f'architecture (runs of timm-tract train do): train from a registered architecture')
+    return split_model_name_tag(name)[0]
 
 
 def _base_arch(arch: str) -> str:
     import timm
-    base = arch[:-len('_tract')] if arch.endswith('_tract') else arch
+    base = tract_base_arch(arch) or arch
     if not timm.is_model(base):
         raise PublishError(f'architecture {base!r} (from {arch!r}) is not a timm model; cannot publish it')
     return base
 
 
 def _tract_settings(args: Dict[str, Any], arch: str) -> Dict[str, Any]:
-    """λ and how TrAct was used: a `*_tract` model, or a `tract-*` optimizer on the base model."""
+    """λ and how TrAct was used: recorded TrAct layers (timm-tract train), a `*_tract` model, or a `tract-*`
+    optimizer."""
     opt = str(args.get('opt') or '')
-    opt_base = opt.split('_')[-1]
-    via_model, via_opt = arch.endswith('_tract'), opt_base.startswith('tract-')
+    via_model = bool(args.get('tract_layers')) or tract_base_arch(arch) is not None
+    via_opt = is_tract_optimizer(opt)
+    if 'tract_layers' in args and not args['tract_layers']:
+        via_model = via_opt = False  # recorded by timm-tract train: the built model had no TrAct layer
     if not (via_model or via_opt):
         raise PublishError(
             f'this run did not train with TrAct (model {arch!r}, optimizer {opt!r}): publish it with timm\'s '
@@ -203,13 +186,15 @@ def _tract_settings(args: Dict[str, Any], arch: str) -> Dict[str, Any]:
         kwargs = args.get(kw) or {}
         if lam is None and isinstance(kwargs, dict) and kwargs.get('tract_lambda') is not None:
             lam = kwargs['tract_lambda']
-    from .functional import DEFAULT_LAMBDA
-    return {'lambda': float(lam if lam is not None else DEFAULT_LAMBDA), 'via': 'model' if via_model else 'optimizer',
-            'optimizer': opt}
+    if not isinstance(lam, (int, float, type(None))) or isinstance(lam, bool):
+        raise PublishError(f'args.yaml has tract_lambda {lam!r}, not a number; fix the file')
+    return {'lambda': float(lam if lam is not None else DEFAULT_LAMBDA),
+            'via': 'model' if tract_base_arch(arch) is not None or not via_opt else 'optimizer', 'optimizer': opt}
 
 
 def _model_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
-    kwargs = {k: v for k, v in (args.get('model_kwargs') or {}).items() if not k.startswith('tract')}
+    given = args.get('model_kwargs') or {}
+    kwargs = {k: v for k, v in given.items() if not k.startswith('tract')} if isinstance(given, dict) else {}
     in_chans = args.get('in_chans') or ((args.get('input_size') or [None])[0])
     if in_chans:
         kwargs['in_chans'] = int(in_chans)
@@ -235,7 +220,8 @@ def _build_base_model(base: str, sd: Dict[str, torch.Tensor], args: Dict[str, An
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise PublishError(f'the checkpoint does not match {base}(num_classes={num_classes}, {kwargs}): {e}') from e
+        raise PublishError(f'the checkpoint does not match {base}(num_classes={num_classes}, {kwargs}): '
+                           f'{" ".join(str(e).split())[:300]}') from None
     return model.eval()
 
 
@@ -247,102 +233,42 @@ def _label_names(args: Dict[str, Any], num_classes: int, given: Optional[Sequenc
             raise PublishError(f'{len(names)} label names given for a model with {num_classes} classes')
         return names
     names = None
-    class_map = args.get('class_map')
-    if class_map and Path(class_map).is_file():
+    class_map, data_dir = args.get('class_map'), args.get('data_dir')
+    if isinstance(class_map, str) and class_map and Path(class_map).is_file():
         names = [line.strip().split()[0] for line in Path(class_map).read_text().splitlines() if line.strip()]
-    elif args.get('data_dir') and not args.get('dataset'):
-        root = Path(args['data_dir'])
+    elif isinstance(data_dir, str) and data_dir and not args.get('dataset'):
+        root = Path(data_dir)
         for split in [args.get('train_split') or 'train', *_TRAIN_SPLITS]:
-            if (root / split).is_dir():
+            if isinstance(split, str) and (root / split).is_dir():
                 names = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
                 break
     elif args.get('dataset') == 'torch/cifar10':
         names = _CIFAR10_LABELS
     if names is not None and len(names) != num_classes:
-        _log(f'ignoring {len(names)} class names found for a {num_classes}-class model; use --label-names')
+        _logger.warning(f'ignoring {len(names)} class names found for a {num_classes}-class model; use --label-names')
         return None
     return names
 
 
-def _dataset(args: Dict[str, Any], name: Optional[str], dataset_id: Optional[str]) -> Tuple[str, Optional[str]]:
-    ds = str(args.get('dataset') or '')
-    known_name, known_id = _KNOWN_DATASETS.get(ds.lower(), (None, None))
-    if ds.startswith(('hfds/', 'hfids/')):
-        known_name = known_id = ds.split('/', 1)[1]
-    if known_name is None:
-        known_name = Path(args['data_dir']).name if args.get('data_dir') else (ds or 'unknown')
-    return name or known_name, dataset_id or known_id
-
-
 def _base_model_id(args: Dict[str, Any]) -> Optional[str]:
-    """The Hub repo the run was fine-tuned from, when it started from Hub weights."""
+    """The Hub repo the run was fine-tuned from, when it started from Hub weights (the twin's cfg for a `*_tract`
+    tag, e.g. a published `<arch>_tract.<tag>`, else the base architecture's)."""
+    import timm.models
     model = str(args['model'])
     if model.startswith(('hf-hub:', 'hf_hub:')):
         return model.split(':', 1)[1].split('@')[0]
     if not args.get('pretrained') or args.get('pretrained_path') or args.get('initial_checkpoint'):
         return None
-    import timm.models
-    arch, tag = _split_model_name(model)
-    base = arch[:-len('_tract')] if arch.endswith('_tract') else arch
-    cfg = timm.models.get_pretrained_cfg(f'{base}.{tag}' if tag else base)
+    cfg = None
+    for name in (model, f'{tract_base_arch(model)}.{timm.models.split_model_name_tag(model)[1]}'):
+        try:
+            cfg = timm.models.get_pretrained_cfg(name.rstrip('.'))
+        except (RuntimeError, ValueError):
+            cfg = None
+        if getattr(cfg, 'hf_hub_id', None):
+            break
     hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
     return hub_id.split('@')[0] if hub_id else None
-
-
-# ---------------------------------------------------------------------------------------------- the folder
-def _results_rows(summary: List[Dict[str, str]], limit: int = 20) -> List[Dict[str, str]]:
-    def fmt(v: str) -> str:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            return v or ''
-        return str(int(f)) if f.is_integer() and abs(f) < 1e6 else f'{f:.4g}'
-    keys = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
-    rows = [{k: fmt(r.get(k, '')) for k in keys} for r in summary]
-    if len(rows) > limit:
-        step = len(rows) / (limit - 1)
-        rows = [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
-    return rows
-
-
-def _checkpoint_accuracy(summary, epoch) -> Tuple[Optional[float], Optional[float]]:
-    def num(v):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
-    rows = [r for r in summary if epoch is not None and num(r.get('epoch')) == float(epoch)]
-    if not rows:
-        return None, None
-    return num(rows[-1].get('eval_top1')), num(rows[-1].get('eval_top5'))
-
-
-def _comparison(report: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Card section from `timm-tract compare`'s report.json: its speed-up sentence and top-1 table (mean ± std)."""
-    if not report:
-        return None
-    speed = report.get('speedup')
-    if isinstance(speed, dict) and speed.get('text'):
-        summary = speed['text']
-    elif isinstance(speed, (int, float)):
-        summary = f'Speed-up {speed:.2f}x over the baseline.'
-    else:
-        summary = 'No speed-up was measured.'
-    labels = {'baseline': report.get('baseline_label', 'baseline'), 'tract': report.get('tract_label', 'TrAct')}
-    seeds = report.get('seeds')
-    if seeds:
-        summary += f" Baseline and TrAct were trained with the same recipe and data order, seeds {', '.join(map(str, seeds))}."
-    rows = []
-    for r in report.get('table') or []:
-        if isinstance(r, dict) and {'method', 'epochs', 'mean'} <= set(r):
-            rows.append([labels.get(r['method'], r['method']), str(r['epochs']), str(r.get('n', '')),
-                         f"{r['mean']:.2f} ± {r.get('std', 0.0):.2f}"])
-    return {'summary': summary, 'columns': ['method', 'epochs', 'seeds', 'top-1 (%)'], 'rows': rows}
-
-
-def _first_layer_name(model: torch.nn.Module) -> str:
-    from .layers import find_first_layer
-    return ', '.join(find_first_layer(model))
 
 
 def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
@@ -354,141 +280,161 @@ def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
     return True
 
 
-def _write_folder(
-        run: RunInfo,
-        repo_id: str,
-        folder: Path,
-        use_ema: bool,
-        license: str,
-        label_names: Optional[Sequence[str]],
-        dataset_name: Optional[str],
-        dataset_id: Optional[str],
-        base_model: Optional[str],
-) -> Dict[str, Any]:
-    """Write every repository file into the (empty) `folder`; returns the manifest entry for these weights."""
+# ---------------------------------------------------------------------------------------------- the folder
+@dataclasses.dataclass
+class _Weights:
+    """The published model and what describes it, computed once for the folder's files."""
+    model: torch.nn.Module
+    base: str
+    layer: str
+    tract: Dict[str, Any]
+    data_config: Dict[str, Any]
+    label_names: Optional[List[str]]
+    epoch: Optional[int]
+    metric: Optional[float]
+    ema: bool
+
+
+def _load_model(run: RunInfo, options: PublishOptions) -> _Weights:
     from timm.data import resolve_data_config
-    from timm.models import save_for_hf
-
-    args = run.args
-    sd, meta, ema = _load_weights(run.checkpoint_path, use_ema)
-    arch, _ = _split_model_name(str(meta.get('arch') or args['model']))
-    if arch.startswith(('hf-hub:', 'hf_hub:')):
-        raise PublishError('runs started from an hf-hub: model name are not supported; train a registered arch')
+    from .layers import find_first_layer
+    try:
+        sd, meta, ema = rundir.load_weights(run.checkpoint_path, options.use_ema)
+    except RunDirError as e:
+        raise PublishError(str(e)) from None
+    arch = _run_arch(run, meta)
     base = _base_arch(arch)
-    tract = _tract_settings(args, arch)
-    model = _build_base_model(base, sd, args)
-    tract_arch = f'{base}_tract'
-    layer = _first_layer_name(model)
-    data_config = resolve_data_config(args, model=model)
-    names = _label_names(args, model.num_classes, label_names)
-    ds_name, ds_id = _dataset(args, dataset_name, dataset_id)
-    base_model = base_model or _base_model_id(args)
-    tag = repo_id.split('/')[-1].split('.', 1)[1] if '.' in repo_id.split('/')[-1] else 'tract'
+    tract = _tract_settings(run.args, arch)
+    model = _build_base_model(base, sd, run.args)
+    epoch, metric = meta.get('epoch'), meta.get('metric')
+    return _Weights(
+        model=model, base=base, layer=', '.join(find_first_layer(model)), tract=tract,
+        data_config=resolve_data_config(run.args, model=model),
+        label_names=_label_names(run.args, model.num_classes, options.label_names),
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+        metric=float(metric) if isinstance(metric, (int, float)) and not isinstance(metric, bool) else None, ema=ema)
 
-    for key in ('paper_name', 'description', 'notes', 'origin_url', 'test_input_size', 'test_crop_pct', 'label_names',
-                'label_descriptions'):
-        model.pretrained_cfg.pop(key, None)
+
+def _write_weights_and_config(w: _Weights, repo_id: str, license: str, folder: Path) -> None:
+    """model.safetensors + config.json through timm's save_for_hf, under the base architecture."""
+    from timm.models import save_for_hf
+    tag = repo_id.split('/')[-1].split('.', 1)[1] if '.' in repo_id.split('/')[-1] else 'tract'
+    for key in _CFG_KEYS_NOT_PUBLISHED:
+        w.model.pretrained_cfg.pop(key, None)
+    tract_arch = twin_name(w.base)
     model_config: Dict[str, Any] = {
         'pretrained_cfg': {
-            'tag': tag, 'license': license, 'paper_ids': TRACT_PAPER,
-            'notes': (f'First layer {layer} trained with TrAct (lambda={tract["lambda"]}); '
+            'tag': tag, 'license': license, 'paper_ids': TRACT_PAPER_ID,
+            'notes': (f'First layer {w.layer} trained with TrAct (lambda={w.tract["lambda"]}); '
                       f'continue TrAct training with {tract_arch} from timm-tract.',),
         },
         'tract': {
-            'used': True, 'lambda': tract['lambda'], 'layer': layer, 'arch': tract_arch,
-            'applied_via': tract['via'], 'optimizer': tract['optimizer'], 'paper': TRACT_PAPER,
+            'used': True, 'lambda': w.tract['lambda'], 'layer': w.layer, 'arch': tract_arch,
+            'applied_via': w.tract['via'], 'optimizer': w.tract['optimizer'], 'paper': TRACT_PAPER_ID,
             'timm_tract_version': __version__,
         },
     }
-    if names:
-        model_config['label_names'] = names
-    save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
+    if w.label_names:
+        model_config['label_names'] = w.label_names
+    save_for_hf(w.model, str(folder), model_config=model_config, safe_serialization=True, data_config=w.data_config)
     produced = sorted(p.name for p in folder.iterdir())
     if produced != ['config.json', 'model.safetensors']:
         raise PublishError(f'timm wrote unexpected files {produced}; expected config.json and model.safetensors')
 
-    (folder / 'train_hparams.yaml').write_text(run.args_text)
-    if (run.run_dir / 'summary.csv').is_file():
-        shutil.copyfile(run.run_dir / 'summary.csv', folder / 'results.csv')
-    plot_name = None
-    if run.plot is not None:
-        plot_name = 'accuracy.png'
-        shutil.copyfile(run.plot, folder / plot_name)
 
-    hw = tuple(data_config['input_size'][1:])
-    epoch = meta.get('epoch')
-    top1, top5 = _checkpoint_accuracy(run.summary, epoch)
-    if top1 is None and isinstance(meta.get('metric'), (int, float)):
-        top1 = float(meta['metric'])
+def _write_run_files(run: RunInfo, folder: Path) -> Optional[str]:
+    """train_hparams.yaml (paths as placeholders), results.csv and the compare plot; returns the plot's name."""
+    import yaml
+    (folder / 'train_hparams.yaml').write_text(yaml.safe_dump(public_args(run.args), default_flow_style=False))
+    summary = run.run_dir / rundir.SUMMARY_FILE
+    if summary.is_file():
+        shutil.copyfile(summary, folder / 'results.csv')
+    if run.plot is None:
+        return None
+    shutil.copyfile(run.plot, folder / 'accuracy.png')
+    return 'accuracy.png'
+
+
+def _write_card(run: RunInfo, w: _Weights, repo_id: str, options: PublishOptions, plot_name: Optional[str],
+                folder: Path) -> None:
+    import json
+    ds_name, ds_id = dataset_names(run.args, options.dataset_name, options.dataset_id)
+    row = rundir.history_row(run.history, w.epoch)
+    top1 = row['eval_top1'] if row else w.metric
     model_args = json.loads((folder / 'config.json').read_text()).get('model_args', {})
     info = CardInputs(
-        repo_id=repo_id, base_arch=base, tract_arch=tract_arch, num_classes=model.num_classes,
-        img_size=hw, stats=model_stats(model, data_config['input_size']), tract_lambda=tract['lambda'],
-        tract_layer=layer, train_command=training_command(args), license=license, label_names=names,
+        repo_id=repo_id, base_arch=w.base, tract_arch=twin_name(w.base), num_classes=w.model.num_classes,
+        img_size=tuple(w.data_config['input_size'][1:]), stats=model_stats(w.model, w.data_config['input_size']),
+        tract_lambda=w.tract['lambda'], tract_layer=w.layer, train_command=training_command(run.args),
+        license=options.license, label_names=w.label_names,
         model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
                     or (k == 'in_chans' and v != 3)},
-        dataset_name=ds_name, dataset_id=ds_id, dataset_split=str(args.get('val_split') or 'validation'),
-        base_model=base_model, checkpoint=run.checkpoint_kind,
-        epoch=int(epoch) if isinstance(epoch, int) else None,
-        epochs=args.get('epochs'), ema=ema, top1=top1, top5=top5, results=_results_rows(run.summary),
-        comparison=_comparison(run.report), plot_file=plot_name,
-        features_only=_supports_features(base, _model_kwargs(args)), num_features=model.num_features,
+        dataset_name=ds_name, dataset_id=ds_id, dataset_split=str(run.args.get('val_split') or 'validation'),
+        base_model=options.base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=w.epoch,
+        epochs=run.args.get('epochs'), ema=w.ema, top1=top1, top5=row['eval_top5'] if row else None,
+        results=results_rows(run.history), comparison=comparison_section(run.report), plot_file=plot_name,
+        features_only=_supports_features(w.base, _model_kwargs(run.args)), num_features=w.model.num_features,
     )
     (folder / 'README.md').write_text(render_model_card(info))
 
-    entry = {'model': f'{tract_arch}.{tag}', 'hf_hub_id': repo_id, 'num_classes': model.num_classes,
-             'input_size': list(data_config['input_size']), 'mean': list(data_config['mean']),
-             'std': list(data_config['std']), 'crop_pct': data_config['crop_pct'],
-             'interpolation': data_config['interpolation'], 'license': license}
-    return entry
+
+def _manifest_entry(w: _Weights, repo_id: str, license: str) -> Dict[str, Any]:
+    tag = repo_id.split('/')[-1].split('.', 1)[1] if '.' in repo_id.split('/')[-1] else 'tract'
+    dc = w.data_config
+    return {'model': f'{twin_name(w.base)}.{tag}', 'hf_hub_id': repo_id, 'num_classes': w.model.num_classes,
+            'input_size': list(dc['input_size']), 'mean': list(dc['mean']), 'std': list(dc['std']),
+            'crop_pct': dc['crop_pct'], 'interpolation': dc['interpolation'], 'license': license}
 
 
-def build_repo_folder(
-        run_dir: PathLike,
-        repo_id: str,
-        output_dir: PathLike,
-        *,
-        checkpoint: str = 'best',
-        use_ema: bool = True,
-        license: str = 'apache-2.0',
-        label_names: Optional[Sequence[str]] = None,
-        dataset_name: Optional[str] = None,
-        dataset_id: Optional[str] = None,
-        base_model: Optional[str] = None,
-) -> PublishResult:
+def _write_folder(run: RunInfo, repo_id: str, options: PublishOptions, folder: Path) -> Dict[str, Any]:
+    """Write every repository file into the (empty) `folder`; returns the manifest entry for these weights."""
+    weights = _load_model(run, options)
+    _write_weights_and_config(weights, repo_id, options.license, folder)
+    plot_name = _write_run_files(run, folder)
+    _write_card(run, weights, repo_id, options, plot_name, folder)
+    return _manifest_entry(weights, repo_id, options.license)
+
+
+def _publish_modes(folder: Path) -> None:
+    """Files mode 0644 and the folder 0755 less what the temp dir's creator masks: the temp dir was made 0700."""
+    for p in folder.iterdir():
+        p.chmod(0o644)
+    folder.chmod(0o755)
+
+
+def build_repo_folder(run_dir: PathLike, repo_id: str, output_dir: PathLike,
+                      options: Optional[PublishOptions] = None, **kwargs: Any) -> PublishResult:
     """Write the Hub repository folder for a run into `output_dir`, all or nothing.
 
-    The files are written into a temporary sibling folder and renamed into place at the end, so a failure leaves
-    no partial folder. `output_dir` must not exist or be empty: nothing of the user's is overwritten.
+    `options` (or its fields as keywords) as `PublishOptions`. The files are written into a temporary sibling folder
+    and renamed into place at the end, so a failure leaves no partial folder (and creates no parent folder). An
+    existing non-empty `output_dir` is refused: nothing of the user's is overwritten.
     """
-    _check_repo_id(repo_id)
+    options = _options(options, kwargs)
+    check_repo_id(repo_id)
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PublishError(f'output folder {out} already exists and is not empty; remove it or choose another '
                            f'--output-dir (nothing was written)')
-    run = read_run(run_dir, checkpoint)
+    run = read_run(run_dir, options.checkpoint)
+    created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
     try:
-        entry = _write_folder(run, repo_id, tmp, use_ema, license, label_names, dataset_name, dataset_id, base_model)
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        entry = _write_folder(run, repo_id, options, tmp)
+        _publish_modes(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):  # innermost first: leave no empty folder we made (e.g. RUN_DIR/hub/)
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     return PublishResult(repo_id=repo_id, folder=out, manifest_entry=entry)
-
-
-def _check_repo_id(repo_id: str) -> None:
-    parts = repo_id.split('/')
-    if len(parts) != 2 or not all(parts):
-        raise PublishError(f'--repo-id must be ORG/NAME (e.g. myname/resnet18_tract.tract_cifar10), got {repo_id!r}')
 
 
 # ---------------------------------------------------------------------------------------------- upload
@@ -496,6 +442,7 @@ def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T
     """Call `fn`, retrying network and 5xx/429 errors with exponential backoff; clear PublishError otherwise."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    error = 'no attempt made'
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -511,19 +458,19 @@ def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T
                 raise PublishError(f'{what} failed (HTTP {status}): {_server_message(e)}') from None
             error = f'HTTP {status}'
         except _transport_errors() as e:
-            error = f'{type(e).__name__}: {e}'
-        if attempt == retries:
-            raise PublishError(
-                f'{what} failed after {retries + 1} attempts ({error}). Check the network connection and the Hub '
-                f'endpoint, then run the command again') from None
-        wait = backoff * 2 ** attempt
-        _log(f'{what}: {error}; retrying in {wait:.1f}s ({attempt + 1}/{retries})')
-        time.sleep(wait)
-    raise AssertionError('unreachable')
+            error = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
+        if attempt < retries:
+            wait = backoff * 2 ** attempt
+            _logger.warning(f'{what}: {error}; retrying in {wait:.1f}s ({attempt + 1}/{retries})')
+            time.sleep(wait)
+    raise PublishError(
+        f'{what} failed after {retries + 1} attempts ({error}). Check the network connection and the Hub endpoint '
+        f'(HF_ENDPOINT), then run the command again') from None
 
 
 def _transport_errors() -> Tuple[type, ...]:
-    """Connection-level errors of the HTTP stack huggingface_hub uses (httpx in >= 1.0, requests before)."""
+    """Connection-level errors of the HTTP stack huggingface_hub uses (httpx in >= 1.0, requests before), and the
+    OSError of a connection dropped mid-upload."""
     errors: Tuple[type, ...] = (ConnectionError, TimeoutError)
     try:
         from huggingface_hub.utils import httpx
@@ -539,85 +486,64 @@ def _server_message(e: Exception) -> str:
     return message.strip().splitlines()[0] if message.strip() else type(e).__name__
 
 
-def _upload(
-        folder: Path, repo_id: str, *, token: Optional[str], endpoint: Optional[str], private: bool,
-        revision: Optional[str], commit_message: Optional[str], create_pr: bool, overwrite: bool,
-        retries: int, backoff: float) -> Tuple[str, str, Optional[str]]:
-    from huggingface_hub import HfApi
+def _existing_files(api, repo_id: str, branch: str, options: PublishOptions) -> List[str]:
     from huggingface_hub.errors import RevisionNotFoundError
-
-    api = HfApi(endpoint=endpoint, token=token, library_name='timm-tract', library_version=__version__)
-    _log(f'creating {repo_id} on {api.endpoint} (private={private})')
-    repo_url = _retrying('create_repo', lambda: api.create_repo(repo_id, private=private, exist_ok=True),
-                         retries, backoff)
-    branch = revision or 'main'
     try:
-        existing = _retrying('listing the repository',
-                             lambda: api.list_repo_files(repo_id, revision=branch), retries, backoff)
+        files = _retrying('listing the repository', lambda: api.list_repo_files(repo_id, revision=branch),
+                          options.retries, options.backoff)
     except RevisionNotFoundError:
-        _log(f'creating branch {branch}')
-        _retrying('create_branch', lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), retries, backoff)
-        existing = []
-    existing = [f for f in existing if f != '.gitattributes']
-    if existing and not (overwrite or create_pr):
+        _logger.info(f'creating branch {branch}')
+        _retrying('create_branch', lambda: api.create_branch(repo_id, branch=branch, exist_ok=True),
+                  options.retries, options.backoff)
+        files = []
+    return [f for f in files if f != '.gitattributes']
+
+
+def _upload(folder: Path, repo_id: str, options: PublishOptions) -> Tuple[str, str, Optional[str]]:
+    """create_repo (existing accepted), refuse a repo with files unless overwrite/create_pr, then one commit: the
+    LFS upload of the weights and the commit are one retried stage (a failed attempt commits nothing)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=options.endpoint, token=options.token, library_name='timm-tract',
+                library_version=__version__)
+    _logger.info(f'creating {repo_id} on {api.endpoint} (private={options.private})')
+    repo_url = _retrying('create_repo',
+                         lambda: api.create_repo(repo_id, private=options.private, exist_ok=True),
+                         options.retries, options.backoff)
+    branch = options.revision or 'main'
+    existing = _existing_files(api, repo_id, branch, options)
+    if existing and not (options.overwrite or options.create_pr):
         raise PublishError(
             f'{repo_id}@{branch} already has files ({", ".join(sorted(existing)[:5])}{", ..." if len(existing) > 5 else ""}); '
             f'nothing was uploaded. Pass --overwrite to replace them, or --create-pr to propose the change')
     files = sorted(p.name for p in folder.iterdir())
     size = sum((folder / f).stat().st_size for f in files) / 1e6
-    _log(f'uploading {len(files)} files ({size:.1f} MB) in one commit to {repo_id}@{branch}'
-         + (' as a pull request' if create_pr else ''))
-    info = _retrying('upload_folder', lambda: api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
-        commit_message=commit_message or f'Publish TrAct weights with timm-tract {__version__}',
-        delete_patterns='*' if (overwrite and not create_pr) else None,
-    ), retries, backoff)
+    _logger.info(f'uploading {len(files)} files ({size:.1f} MB) in one commit to {repo_id}@{branch}'
+                 + (' as a pull request' if options.create_pr else ''))
+    info = _retrying('upload_folder (LFS upload of model.safetensors and the commit)', lambda: api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), revision=options.revision, create_pr=options.create_pr,
+        commit_message=options.commit_message or f'Publish TrAct weights with timm-tract {__version__}',
+        delete_patterns='*' if (options.overwrite and not options.create_pr) else None,
+    ), options.retries, options.backoff)
     return str(repo_url), info.commit_url, info.pr_url
 
 
-def publish(
-        run_dir: PathLike,
-        repo_id: str,
-        *,
-        dry_run: bool = False,
-        output_dir: Optional[PathLike] = None,
-        checkpoint: str = 'best',
-        use_ema: bool = True,
-        license: str = 'apache-2.0',
-        label_names: Optional[Sequence[str]] = None,
-        dataset_name: Optional[str] = None,
-        dataset_id: Optional[str] = None,
-        base_model: Optional[str] = None,
-        token: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        private: bool = False,
-        revision: Optional[str] = None,
-        commit_message: Optional[str] = None,
-        create_pr: bool = False,
-        overwrite: bool = False,
-        retries: int = 4,
-        backoff: float = 2.0,
-) -> PublishResult:
+def publish(run_dir: PathLike, repo_id: str, options: Optional[PublishOptions] = None, *, dry_run: bool = False,
+            output_dir: Optional[PathLike] = None, **kwargs: Any) -> PublishResult:
     """Build the repository folder for a run and upload it as one commit (or only write it: dry run).
 
-    With `dry_run` or `output_dir` the folder is written to `output_dir` (default `RUN_DIR/hub/<NAME>`) and
-    nothing is uploaded. Otherwise it is built in a temporary folder, `create_repo` runs (accepting an existing
-    repo), and `upload_folder` makes one commit; a repo that already has files is refused unless `overwrite`
-    (which then replaces every file) or `create_pr`. The token comes from `token`, `HF_TOKEN` or the
-    huggingface_hub login and is never printed or written. Network and 5xx errors are retried `retries` times with
-    exponential backoff starting at `backoff` seconds.
+    `options` (or its fields as keywords) as `PublishOptions`. With `dry_run` or `output_dir` the folder is written
+    to `output_dir` (default `RUN_DIR/hub/<NAME>`) and nothing is uploaded. Otherwise it is built in a temporary
+    folder, `create_repo` runs (accepting an existing repo), and `upload_folder` makes one commit; a repo that
+    already has files is refused unless `overwrite` (which then replaces every file) or `create_pr`.
     """
-    _check_repo_id(repo_id)
-    folder_kwargs = dict(checkpoint=checkpoint, use_ema=use_ema, license=license, label_names=label_names,
-                         dataset_name=dataset_name, dataset_id=dataset_id, base_model=base_model)
+    options = _options(options, kwargs)
+    check_repo_id(repo_id)
     if dry_run or output_dir is not None:
         out = Path(output_dir) if output_dir is not None else Path(run_dir) / 'hub' / repo_id.split('/')[-1]
-        _log(f'writing the repository folder to {out} (nothing is uploaded)')
-        return build_repo_folder(run_dir, repo_id, out, **folder_kwargs)
+        _logger.info(f'writing the repository folder to {out} (nothing is uploaded)')
+        return build_repo_folder(run_dir, repo_id, out, options)
     with tempfile.TemporaryDirectory(prefix='timm-tract-publish-') as tmp:
-        result = build_repo_folder(run_dir, repo_id, Path(tmp) / 'repo', **folder_kwargs)
-        repo_url, commit_url, pr_url = _upload(
-            result.folder, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
-            commit_message=commit_message, create_pr=create_pr, overwrite=overwrite, retries=retries,
-            backoff=backoff)
+        result = build_repo_folder(run_dir, repo_id, Path(tmp) / 'repo', options)
+        repo_url, commit_url, pr_url = _upload(result.folder, repo_id, options)
     return dataclasses.replace(result, folder=None, repo_url=repo_url, commit_url=commit_url, pr_url=pr_url)

@@ -9,8 +9,12 @@ and so does every tool that reads a train.py run:
     last.pth.tar           the latest checkpoint (timm's CheckpointSaver format), replaced atomically
     model_best.pth.tar     the best checkpoint by the eval metric
     checkpoint-<epoch>.pth.tar  the retained history
+
+`timm-tract compare` keeps its runs in `<compare dir>/runs/<method>-e<budget>-s<seed>/` next to its `report.json`.
 """
 import csv
+import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -20,6 +24,7 @@ from .errors import RunDirError
 __all__ = [
     'ARGS_FILE', 'SUMMARY_FILE', 'LAST_CHECKPOINT', 'BEST_CHECKPOINT', 'TEMP_CHECKPOINT', 'SUMMARY_FIELDS',
     'read_args', 'write_args', 'read_history', 'history_row', 'resumable_checkpoint', 'remove_checkpoints',
+    'RunInfo', 'read_run', 'find_compare_report', 'find_plot', 'is_png', 'load_weights',
 ]
 
 PathLike = Union[str, Path]
@@ -109,3 +114,152 @@ def remove_checkpoints(run_dir: PathLike) -> None:
     for pattern in _CHECKPOINT_GLOBS:
         for path in Path(run_dir).glob(pattern):
             path.unlink()
+
+
+# --- reading a finished run (publishing, model cards) --------------------------------------------------------------
+
+_CHECKPOINT_CHOICES = {'best': BEST_CHECKPOINT, 'last': LAST_CHECKPOINT}
+_REPORT_FILE = 'report.json'  # written by `timm-tract compare` into its directory; runs live in <compare dir>/runs/
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What a run directory holds: its args, per-epoch results, the chosen checkpoint, and (for a run of
+    `timm-tract compare`) the comparison report and its plot, read only where they belong to this run."""
+    run_dir: Path
+    args: Dict[str, Any]
+    args_text: str
+    history: List[Dict[str, Optional[float]]]
+    checkpoint_path: Path
+    checkpoint_kind: str
+    report: Optional[Dict[str, Any]] = None
+    plot: Optional[Path] = None
+
+
+def _checkpoint(run_dir: Path, checkpoint: str) -> Tuple[Path, str]:
+    if checkpoint in _CHECKPOINT_CHOICES:
+        path = run_dir / _CHECKPOINT_CHOICES[checkpoint]
+        if not path.is_file():
+            others = sorted(p.name for p in run_dir.glob('*.pth.tar'))
+            raise RunDirError(f'{run_dir} has no {path.name}; available checkpoints: {others or "none"}; '
+                              f'use --checkpoint last|best|PATH')
+        return path, checkpoint
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = run_dir / checkpoint
+    if not path.is_file():
+        raise RunDirError(f'checkpoint {checkpoint} not found (also looked in {run_dir})')
+    return path, path.name
+
+
+def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
+    """Read a train.py-layout run; `checkpoint` is 'best', 'last' or a path to a `.pth.tar`/safetensors file.
+
+    Reads only files inside `run_dir` (and the given checkpoint), plus `report.json` and its PNG plot from the
+    `timm-tract compare` directory that produced the run, verified: the run must sit in its `runs/` folder and be
+    listed by the report."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f'run directory {run_dir} does not exist')
+    args, text = read_args(run_dir)
+    if not args.get('model') or not isinstance(args['model'], str):
+        raise RunDirError(f'{run_dir / ARGS_FILE} does not name a model (no `model:` entry)')
+    ckpt_path, kind = _checkpoint(run_dir, checkpoint)
+    report, report_dir = find_compare_report(run_dir)
+    return RunInfo(run_dir, args, text, read_history(run_dir), ckpt_path, kind, report,
+                   find_plot(run_dir, report_dir))
+
+
+def _lists_run(report: Dict[str, Any], run_dir: Path) -> bool:
+    """Whether a compare report names `run_dir` (`runs/<name>`) among its runs or as its publish_dir."""
+    named = [r.get('output_dir') for r in report.get('runs') or [] if isinstance(r, dict)]
+    named.append(report.get('publish_dir'))
+    return any(isinstance(p, str) and Path(p).parts[-2:] == ('runs', run_dir.name) for p in named)
+
+
+def find_compare_report(run_dir: PathLike) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
+    """(report, its directory) of the `timm-tract compare` run that produced `run_dir`, or (None, None).
+
+    Looks in the run directory itself and in `<compare dir>` when the run is `<compare dir>/runs/<name>`; a report
+    there that does not list this run is ignored (it belongs to other runs)."""
+    run_dir = Path(run_dir)
+    places = [run_dir] + ([run_dir.parent.parent] if run_dir.parent.name == 'runs' else [])
+    for place in places:
+        path = place / _REPORT_FILE
+        if not path.is_file():
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunDirError(f'{path} is not valid JSON ({e}); fix or remove it') from None
+        if not isinstance(report, dict):
+            raise RunDirError(f'{path} is not a compare report (a JSON object); fix or remove it')
+        if place == run_dir or _lists_run(report, run_dir):
+            return report, place
+    return None, None
+
+
+def _inside(path: Path, base: Path) -> bool:
+    try:
+        path.resolve().relative_to(base.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def is_png(path: PathLike) -> bool:
+    """A regular file that starts with the PNG signature."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, 'rb') as f:
+        return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+
+
+def find_plot(run_dir: PathLike, report_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """The accuracy plot: a real PNG directly inside the compare directory (compare.png), else inside the run
+    directory; never a path named in a file, never a link out of those directories."""
+    for place in (report_dir, run_dir):
+        if place is None:
+            continue
+        place = Path(place)
+        for path in sorted(place.glob('*.png')):
+            if _inside(path, place) and is_png(path):
+                return path
+    return None
+
+
+def load_weights(path: PathLike, use_ema: bool = True) -> Tuple[Dict[str, Any], Dict[str, Any], bool]:
+    """(state_dict, checkpoint metadata {epoch, arch, metric, version}, whether EMA weights were taken).
+
+    Reads with `weights_only` (tensors, numbers and argparse args; nothing else is unpickled); optimizer state is
+    dropped. A `.safetensors` file is read as a state dict."""
+    import torch
+    from timm.models import clean_state_dict
+    from timm.utils import load_checkpoint_metadata
+
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path)), {}, False
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise RunDirError(f'cannot read {path} as safetensors ({type(e).__name__}: {e})') from None
+    try:
+        ckpt = load_checkpoint_metadata(str(path))
+    except Exception as e:  # torch.load of something that is not a checkpoint raises many kinds of errors
+        raise RunDirError(
+            f'cannot read checkpoint {path} safely ({type(e).__name__}); only tensors, numbers and argparse args are '
+            f'accepted (torch.load weights_only): give a timm training checkpoint or a .safetensors file') from None
+    if not isinstance(ckpt, dict):
+        raise RunDirError(f'{path} is not a checkpoint dict')
+    if 'state_dict' not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return clean_state_dict(ckpt), {}, False
+    if 'state_dict' not in ckpt:
+        raise RunDirError(f'{path} has no state_dict (keys: {sorted(map(str, ckpt))[:8]})')
+    ema = use_ema and isinstance(ckpt.get('state_dict_ema'), dict) and len(ckpt['state_dict_ema']) > 0
+    sd = ckpt['state_dict_ema'] if ema else ckpt['state_dict']
+    sd = {k[len('_orig_mod.'):] if k.startswith('_orig_mod.') else k: v for k, v in clean_state_dict(sd).items()}
+    meta = {k: v for k, v in ckpt.items() if k in ('epoch', 'arch', 'metric', 'version')}
+    return sd, meta, ema
