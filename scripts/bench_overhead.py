@@ -6,8 +6,14 @@ and the median of >= 7 pairs is reported as ratios to plain. Peak memory of each
 process: on CUDA `torch.cuda.max_memory_allocated`, on CPU the peak RSS (ru_maxrss) over the RSS after building the model,
 with glibc's mmap threshold fixed so freed tensors leave the RSS. Prints a Markdown table and writes JSON.
 
-    python scripts/bench_overhead.py                          # all five models, 7 pairs
+It also counts the aten ops of one TrAct backward (a `TorchDispatchMode` around `loss.backward()`, on CPU) for the
+7×7/2 ResNet stem and a 16×16 patch embed at 224 px, B=8 and B=256, with the default CPU Gram budget and with a
+budget large enough for one chunk (what accelerators get): the count of non-view ops is the number of kernels a GPU
+would launch for it, and it must not grow with the batch.
+
+    python scripts/bench_overhead.py                          # all five models, 7 pairs, op counts
     python scripts/bench_overhead.py --models resnet18 --pairs 9 --json out.json
+    python scripts/bench_overhead.py --models --op-counts     # op counts only
 """
 import argparse
 import json
@@ -20,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MODELS = {  # model: batch size
     'resnet18': 32,
@@ -117,9 +124,70 @@ def _memory_in_subprocess(name: str, variant: str, device: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops (all, and non-view: the ones that launch a kernel on an accelerator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.non_view = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.non_view += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+OP_COUNT_LAYERS = {  # name: (TrActConv2d args, kwargs)
+    'resnet_stem_7x7s2': ((3, 64, 7), dict(stride=2, padding=3, bias=False)),
+    'patch_embed_16x16': ((3, 384, 16), dict(stride=16)),
+}
+
+
+def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes: int = None) -> dict:
+    """aten ops of `loss.backward()` through one TrAct layer of OP_COUNT_LAYERS (CPU, float32); `chunk_bytes` sets the
+    Gram chunk budget (None: the default). Returns {'total', 'non_view', 'plain_non_view'}."""
+    from timm_tract import TrActConv2d, functional as TF
+
+    args, kwargs = OP_COUNT_LAYERS[layer_name]
+    torch.manual_seed(0)
+    layer = TrActConv2d(*args, **kwargs)
+    x = torch.randn(batch, args[0], size, size)
+    counts = {}
+    TF.set_gram_chunk_bytes(chunk_bytes)
+    try:
+        for key, module in (('', layer), ('plain_', torch.nn.Conv2d(*args, **kwargs))):
+            loss = module(x).sum()
+            with _OpCounter() as counter:
+                loss.backward()
+            counts[key + 'total'], counts[key + 'non_view'] = counter.total, counter.non_view
+            del loss
+    finally:
+        TF.set_gram_chunk_bytes(None)
+    return counts
+
+
+def op_count_table(batches=(8, 256), one_chunk_bytes: int = 2 << 30) -> dict:
+    """Non-view op counts of one TrAct backward per layer, batch and Gram budget: 'cpu_default' (8 MiB), 'gpu_max' (the
+    accelerator default on a GPU with >= 128 GiB, e.g. an H200: 256 MiB) and 'one_chunk' (2 GiB)."""
+    from timm_tract import functional as TF
+
+    budgets = (('cpu_default', None), ('gpu_max', TF._ACCEL_CHUNK_BOUNDS[1]), ('one_chunk', one_chunk_bytes))
+    out = {}
+    for layer_name in OP_COUNT_LAYERS:
+        for budget_name, budget in budgets:
+            for batch in batches:
+                counts = count_backward_ops(layer_name, batch, chunk_bytes=budget)
+                out.setdefault(layer_name, {}).setdefault(budget_name, {})[batch] = counts
+                print(f'op count {layer_name} budget={budget_name} B={batch}: {counts["non_view"]} non-view '
+                      f'({counts["total"]} total; plain conv {counts["plain_non_view"]})', flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--models', nargs='*', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--op-counts', action=argparse.BooleanOptionalAction, default=True,
+                        help='count the aten ops of one TrAct backward at B=8 and B=256 (CPU)')
     parser.add_argument('--pairs', type=int, default=7, help='interleaved timing rounds (>= 7)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--json', default='bench_overhead.json', help='where to write the results')
@@ -134,6 +202,8 @@ def main() -> int:
 
     results = {'device': args.device, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
                'machine': platform.processor() or platform.machine(), 'pairs': args.pairs, 'models': {}}
+    if args.op_counts:
+        results['op_counts'] = op_count_table()
     rows = []
     for name in args.models:
         res = time_model(name, args.pairs, args.device)
@@ -156,6 +226,14 @@ def main() -> int:
           'peak mem timm-tract / plain | peak mem official / plain |')
     print('|---|---|---|---|---|---|---|')
     print('\n'.join(rows))
+    if args.op_counts:
+        print('\nNon-view aten ops of one TrAct backward (CPU, 224 px; kernels an accelerator would launch):')
+        print('| layer | Gram budget | B=8 | B=256 | plain conv |')
+        print('|---|---|---|---|---|')
+        for layer_name, per_budget in results['op_counts'].items():
+            for budget_name, per_batch in per_budget.items():
+                print(f"| {layer_name} | {budget_name} | {per_batch[8]['non_view']} | {per_batch[256]['non_view']} | "
+                      f"{per_batch[8]['plain_non_view']} |")
     with open(args.json, 'w') as f:
         json.dump(results, f, indent=2)
     print(f'\nwrote {args.json}')

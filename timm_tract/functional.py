@@ -231,17 +231,17 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     w = x.shape[3] + geom.pad[0] + geom.pad[1]
     h_out, w_out = _conv_out_size(x, geom)
     num_rows = batch * h_out * w_out
-    if keep_rows:
-        out = x.new_empty((g, num_rows, n), dtype=dtype)
-    else:
-        out = x.new_zeros((g, n, n), dtype=dtype)
     if num_rows == 0:
-        return out, 0
+        return x.new_zeros((g, 0, n) if keep_rows else (g, n, n), dtype=dtype), 0
     shifted = None
     row_elements = n * g * w_out  # materialized elements per output row of one image
-    if not keep_rows and _uses_shifted_gram(geom):
+    if keep_rows:
+        out = x.new_empty((g, num_rows, n), dtype=dtype)
+    elif _uses_shifted_gram(geom):
         shifted = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
         row_elements = shifted.m * shifted.t_max
+    else:
+        out = x.new_zeros((g, n, n), dtype=dtype)
     # chunk = whole images while they fit the budget, else bands of output rows of one image
     per_image = row_elements * h_out
     budget = _chunk_elements(x.device, dtype)
@@ -378,15 +378,15 @@ def _pd_error(system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: flo
         return NotPositiveDefiniteError(
             f'{head}: the first layer input holds {bad} NaN/Inf value(s). Check the input batch (data pipeline, '
             f'augmentation, an earlier fp16 overflow); TrAct wrote no gradient for this step.')
-    scale = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
-    if x is not None or not bool(torch.isfinite(system).all()):
+    if x is None and not bool(torch.isfinite(system).all()):
         return NotPositiveDefiniteError(
-            f'{head}: the input is finite but its scale{scale} is too large for a {system.dtype} Gram '
-            f'(XᵀX/N overflows, or λ={tract_lambda:g} is lost against it). Standardize the input to mean 0 / std 1 '
-            f'(the scale the paper\'s λ is meant for), or raise tract_lambda.')
+            f'{head}: XᵀX holds NaN/Inf (NaN/Inf in the input, or an input scale so large that XᵀX overflows '
+            f'{system.dtype}). Check the input batch for NaN/Inf, standardize it to mean 0 / std 1, or raise tract_lambda.')
+    scale = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
     return NotPositiveDefiniteError(
-        f'{head} (non-finite values in XᵀX: NaN/Inf in the first layer input, or an input scale so large that XᵀX '
-        f'overflows). Check the input batch for NaN/Inf, standardize it, or raise tract_lambda.')
+        f'{head}: the input is finite but its scale{scale} is too large for a {system.dtype} Gram (XᵀX/N '
+        f'overflows, or λ={tract_lambda:g} is lost against it). Standardize the input to mean 0 / std 1 (the '
+        f'scale the paper\'s λ is meant for), or raise tract_lambda.')
 
 
 def _check_pd(info: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float) -> None:
