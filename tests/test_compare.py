@@ -1,4 +1,5 @@
-""" `timm-tract compare`: aggregation, speed-up, report and plot on known curves; tiny real runs; paper recipes. """
+""" `timm-tract compare`: aggregation, statistics, speed-up, report and plot on known inputs; tiny real runs (also in
+parallel workers, identical to sequential); help text; paper recipes. """
 import json
 import shlex
 from pathlib import Path
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from timm_tract.compare import aggregate, build_report, format_markdown, plot_report, speedup, write_report
+from timm_tract.compare import (
+    aggregate, bootstrap_speedup, build_report, epoch_times, format_markdown, paired_differences, plot_report,
+    rebuild_report, speedup, t_quantile, write_report)
+from timm_tract.errors import CompareError, OutputExistsError, TimmTractError
 
 REPO = Path(__file__).resolve().parents[1]
 MACHINE = {'device': 'CPU test', 'platform': 'test-os', 'python': '3', 'torch': 't', 'timm': 'm'}
@@ -22,7 +26,8 @@ def _history(finals, start=10.):
 
 def _runs(finals: dict):
     """finals: {(method, budget): [final top-1 per seed]} -> run dicts."""
-    return [{'method': m, 'epochs': b, 'seed': s, 'history': _history((b, f)), 'wall_s': 1.5}
+    return [{'method': m, 'epochs': b, 'seed': s, 'history': _history((b, f)), 'wall_s': 1.5 * b,
+             'cpu_s': (1.2 if m == 'tract' else 1.) * b}
             for (m, b), per_seed in finals.items() for s, f in enumerate(per_seed)]
 
 
@@ -76,7 +81,7 @@ def test_speedup_not_reached_and_ties():
     slower = {**KNOWN, ('tract', 4): [60., 60., 60.], ('baseline', 8): [60., 60., 60.]}
     sp = speedup(aggregate(_runs(slower))['table'])
     assert (sp['baseline_epochs'], sp['tract_epochs']) == (4, 8) and sp['factor'] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match='both baseline and tract'):
+    with pytest.raises(CompareError, match='both baseline and tract'):
         speedup(aggregate(_runs({('tract', 2): [1.]}))['table'])
 
 
@@ -92,13 +97,146 @@ def test_markdown_and_json_report(tmp_path):
     assert '| resnet10t | 52.00 ± 2.00 | 62.00 ± 2.00 | 71.00 ± 1.00 |' in md
     assert '| resnet10t_tract | 61.00 ± 1.00 | 72.00 ± 1.00 | 75.00 ± 0.00 |' in md
     assert 'Speed-up 2.00x' in md and 'CPU test' in md and '2 min 05 s for 18 runs' in md
-    assert 'baseline 14 s, TrAct 14 s' in md and '`runs/x`' in md
+    assert 'baseline 1 min 03 s, TrAct 1 min 03 s' in md and '`runs/x`' in md  # wall 1.5 s per epoch: 3 seeds x (2+4+8) x 1.5
+    # paired differences: TrAct - baseline per seed at 2 epochs = 10, 9, 8 -> mean 9, sd 1, t(2) = 4.3027
+    assert '| 2 epochs | 3 | +9.00 | [+6.52, +11.48] | TrAct better |' in md
+    assert '| 8 epochs | 3 | +4.00 | [+1.52, +6.48] | TrAct better |' in md  # 5, 4, 3
+    # speed-up in time: baseline 8-epoch runs (8 s CPU) over TrAct 4-epoch runs (4.8 s CPU); wall 12 s / 6 s
+    assert "Speed-up in time to the baseline's best mean top-1: 1.67x in CPU time, 2.00x in wall-clock time" in md
+    assert 'speed-up in epochs 2.00–2.00x, in CPU time 1.67–1.67x' in md
+    assert 'resnet10t 1.0 s CPU / 1.5 s wall, resnet10t_tract 1.2 s CPU / 1.5 s wall' in md
+    assert 'TrAct / baseline CPU time per epoch, median over 9 pairs: 1.20' in md
+    # every run's final top-1 and time, without opening the JSON
+    assert '| tract-e4-s2 | resnet10t_tract | 4 | 2 | 73.00 | 6 s | 5 s |' in md
+    assert '| baseline-e8-s0 | resnet10t | 8 | 0 | 70.00 | 12 s | 8 s |' in md
     paths = write_report(report, str(tmp_path / 'out'))
     loaded = json.loads(Path(paths['json']).read_text())
     assert loaded['speedup']['factor'] == 2. and loaded['wall_clock_s'] == 125.4
+    assert [r['verdict'] for r in loaded['paired']] == ['better'] * 3 and loaded['bootstrap']['epochs'] == [2., 2.]
     assert len(loaded['runs']) == 18 and loaded['machine'] == MACHINE
     assert Path(paths['markdown']).read_text() == md
     assert Path(paths['plot']).name == 'compare.png'
+
+
+def test_t_quantile_known_values():
+    # textbook two-sided 95% factors; above the table the expansion must continue smoothly towards 1.96
+    for df, q in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (60, 2.000), (120, 1.980)):
+        assert t_quantile(df) == pytest.approx(q, abs=6e-4), df
+    values = [t_quantile(df) for df in range(1, 500)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] > 1.96
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip('scipy.stats')
+    for df in range(1, 300):
+        assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-5), df
+
+
+def _paired(diffs_by_budget, base=50.):
+    """Runs whose TrAct − baseline final top-1 per seed are the given differences."""
+    runs = []
+    for budget, diffs in diffs_by_budget.items():
+        for seed, d in enumerate(diffs):
+            runs += [{'method': 'baseline', 'epochs': budget, 'seed': seed, 'history': [{'eval_top1': base + seed}]},
+                     {'method': 'tract', 'epochs': budget, 'seed': seed, 'history': [{'eval_top1': base + seed + d}]}]
+    return runs
+
+
+def test_paired_differences_verdicts():
+    rows = {r['epochs']: r for r in paired_differences(_paired({
+        1: [-3., -2., -4.],       # TrAct behind at the short budget: must show as 'worse'
+        2: [1., -1., 0.5, -0.5],  # straddles 0
+        4: [2., 2., 2.],          # no spread: the interval is the point
+        8: [5.],                  # one seed: no interval
+    }))}
+    assert rows[1]['mean'] == pytest.approx(-3.) and rows[1]['std'] == pytest.approx(1.)
+    assert rows[1]['ci_high'] == pytest.approx(-3. + 4.3027 / 3 ** 0.5) and rows[1]['verdict'] == 'worse'
+    assert rows[2]['verdict'] == 'not distinguishable' and rows[2]['n'] == 4
+    assert rows[2]['ci_low'] == pytest.approx(-3.1824 * rows[2]['std'] / 2)
+    assert rows[4]['verdict'] == 'better' and rows[4]['ci_low'] == rows[4]['ci_high'] == pytest.approx(2.)
+    assert rows[8]['verdict'] == 'not determined' and rows[8]['ci_low'] is None
+    assert rows[1]['per_seed'] == {'0': -3., '1': -2., '2': -4.}
+    md = format_markdown(build_report(_paired({1: [-3., -2., -4.], 2: [1., 2., 3.]}), baseline_label='a',
+                                      tract_label='a_tract', data='toy', recipe='r', seeds=[0, 1, 2],
+                                      wall_clock_s=1., machine=MACHINE))
+    assert '| 1 epochs | 3 | -3.00 | [-5.48, -0.52] | TrAct worse |' in md
+
+
+def test_paired_differences_only_use_seeds_both_methods_ran():
+    runs = _paired({2: [1., 2., 3.]})
+    runs = [r for r in runs if not (r['method'] == 'tract' and r['seed'] == 2)]
+    row = paired_differences(runs)[0]
+    assert row['n'] == 2 and row['mean'] == pytest.approx(1.5)
+
+
+def test_bootstrap_speedup_agrees_with_the_rule_and_is_seeded():
+    # TrAct at 4 epochs is 1 point above the baseline at 8 in every seed: every resample gives exactly 2x
+    boot = bootstrap_speedup(_runs(KNOWN))
+    assert boot['determined'] and boot['epochs'] == [2., 2.] and boot['not_reached_share'] == 0.
+    assert boot['time'] == [pytest.approx(8 / 4.8)] * 2
+    assert boot['lower_bound_share'] == 0. and '2.00–2.00x' in boot['text']
+    # noisy cells: the interval widens, the point estimate lies inside, and the same seed gives the same interval
+    rng = np.random.default_rng(1)
+    finals = {k: list(np.array(v) + rng.normal(0, 4, size=3)) + [v[0] + 1, v[1] - 1]
+              for k, v in KNOWN.items()}
+    runs = _runs(finals)
+    boot, again = bootstrap_speedup(runs, seed=3), bootstrap_speedup(runs, seed=3)
+    assert boot == again and boot['n_seeds'] == 5
+    point = speedup(aggregate(runs)['table'])['factor']
+    if boot['determined']:
+        assert boot['epochs'][0] <= point <= boot['epochs'][1]
+    else:
+        assert boot['epochs'] is None and boot['not_reached_share'] > 0.025
+
+
+def test_bootstrap_speedup_not_determined():
+    # TrAct reaches the baseline's best (71 at 8 epochs) only in resamples that favour its good seed
+    finals = {('baseline', 4): [60., 60., 60.], ('baseline', 8): [70., 71., 72.],
+              ('tract', 4): [60., 60., 60.], ('tract', 8): [60., 71.5, 80.]}
+    boot = bootstrap_speedup(_runs(finals))
+    assert not boot['determined'] and boot['epochs'] is None
+    assert 0.1 < boot['not_reached_share'] < 0.9 and 'not determined' in boot['text']
+    two = bootstrap_speedup(_runs({k: v[:2] for k, v in KNOWN.items()}))
+    assert not two['determined'] and 'needs ≥ 3' in two['text']
+
+
+def test_epoch_times():
+    times = epoch_times(_runs(KNOWN))
+    assert times['baseline'] == {'runs': 9, 'cpu_per_epoch': 1., 'wall_per_epoch': 1.5}
+    assert times['tract']['cpu_per_epoch'] == pytest.approx(1.2)
+    assert times['cpu_ratio_median'] == pytest.approx(1.2) and times['pairs'] == 9
+
+
+def test_rebuild_report_recomputes_statistics(tmp_path):
+    report = _report(command='timm-tract compare', jobs=2)
+    paths = write_report(report, str(tmp_path))
+    old = json.loads(Path(paths['json']).read_text())
+    for key in ('paired', 'bootstrap', 'epoch_times', 'time_to_accuracy'):
+        del old[key]  # a report written before these existed
+    Path(paths['json']).write_text(json.dumps(old))
+    new = rebuild_report(str(tmp_path))
+    assert new['paired'] == report['paired'] and new['bootstrap'] == report['bootstrap']
+    assert new['command'] == 'timm-tract compare' and new['jobs'] == 2 and new['machine'] == MACHINE
+    assert '| 2 epochs | 3 | +9.00 |' in Path(paths['markdown']).read_text()
+    with pytest.raises(CompareError, match='cannot be read'):
+        rebuild_report(str(tmp_path / 'missing'))
+
+
+def test_help_shows_each_default_once():
+    import re
+    from timm_tract.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and 'compare' in a.choices).choices
+    for name in ('compare', 'data'):
+        text = sub[name].format_help()
+        assert not re.search(r'\(default: [^)]*\)\s*\(default:', text), name
+    text = ' '.join(sub['compare'].format_help().split())
+    assert 'TrAct λ of the TrAct runs (default: 0.1)' in text
+    assert '--epochs N [N ...] not a compare option' in text and '--seed S [S ...] not a compare option' in text
+    assert 'about 5 minutes' not in text and '--jobs N' in text
 
 
 def _mean_row(mask: np.ndarray) -> float:
@@ -194,14 +332,28 @@ def _compare_args(data_dir, out, *extra):
 
 
 @pytest.mark.slow
-def test_compare_end_to_end(small_data, tmp_path):
+def test_compare_end_to_end(small_data, tmp_path, capsys):
     import csv
     import yaml
     from timm_tract.compare import compare
 
-    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2'), argv=[])
+    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2', '--jobs', '2'),
+                     argv=[])
     out = tmp_path / 'cmp'
     assert {p.name for p in out.iterdir()} == {'report.json', 'report.md', 'compare.png', 'runs'}
+    # the plan first, then one line per finished run (its top-1 and time), then a summary; nothing else on stderr
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == 'timm-tract compare: test_resnet vs test_resnet_tract on ' + str(small_data)
+    assert err[1].strip() == '12 runs = 2 methods x budgets [1, 2] epochs x seeds [0, 1, 2]; 2 at a time, 1 torch thread each'
+    assert err[2].strip().startswith(f'output: {out}')
+    progress = err[3:15]
+    assert [ln[:7] for ln in progress] == [f'[{i:>2}/12]' for i in range(1, 13)]
+    tops = {ln[8:].split()[0]: float(ln.split('top-1')[1].split('%')[0]) for ln in progress}
+    assert tops == {f"{r['method']}-e{r['epochs']}-s{r['seed']}": pytest.approx(r['top1'], abs=0.005)
+                    for r in report['runs']}
+    assert err[15].startswith('done: 12 runs in ') and err[16] == f'report: {out / "report.md"}' and len(err) == 17
+    logs = sorted(p.name for p in (out / 'runs').glob('*.log'))
+    assert len(logs) == 12 and all((out / 'runs' / name).stat().st_size > 0 for name in logs)
     loaded = json.loads((out / 'report.json').read_text())
     assert len(loaded['runs']) == 12 and loaded['budgets'] == [1, 2] and loaded['seeds'] == [0, 1, 2]
     assert loaded['wall_clock_s'] > 0 and loaded['cpu_s'] > 0 and loaded['machine']['device'].startswith(('CPU', 'GPU'))
@@ -227,11 +379,29 @@ def test_compare_end_to_end(small_data, tmp_path):
     assert loaded['num_classes'] == 10  # inferred from the class folders
     md = (out / 'report.md').read_text()
     assert '| test_resnet | ' in md and '| test_resnet_tract | ' in md and loaded['speedup']['text'] in md
+    assert len(loaded['paired']) == 2 and loaded['bootstrap']['n_seeds'] == 3 and loaded['jobs'] == 2
+    assert all(r['wall_s'] > 0 and r['cpu_s'] > 0 for r in loaded['runs'])
+    assert '| tract-e2-s1 | test_resnet_tract | 2 | 1 |' in md
     assert Image.open(out / 'compare.png').size == (1210, 462)
     assert report['paths']['markdown'] == str(out / 'report.md')
     # the output directory is never reused
-    with pytest.raises(FileExistsError, match='not empty'):
+    with pytest.raises(OutputExistsError, match='not empty'):
         compare(_compare_args(small_data, tmp_path, '--budgets', '1', '--seeds', '0'))
+
+
+@pytest.mark.slow
+def test_parallel_runs_equal_sequential_runs(small_data, tmp_path):
+    """--jobs changes only how many runs train at a time: every run's history is bitwise the same."""
+    from timm_tract.compare import compare
+
+    histories = {}
+    for jobs in ('1', '2'):
+        report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '--jobs', jobs,
+                                       '--experiment', f'jobs{jobs}'), argv=[])
+        assert report['jobs'] == int(jobs) and report['threads_per_run'] == 1
+        histories[jobs] = {(r['method'], r['epochs']): r['history'] for r in report['runs']}
+    assert len(histories['1']) == 4 and histories['1'] == histories['2']
+    assert all(h[-1]['train_loss'] > 0 for h in histories['1'].values())
 
 
 @pytest.mark.slow
@@ -249,7 +419,9 @@ def test_compare_via_optimizer(small_data, tmp_path):
 def test_compare_rejects_bad_input(tmp_path):
     from timm_tract.compare import compare
 
-    with pytest.raises(ValueError, match='give the baseline'):
+    with pytest.raises(CompareError, match='--jobs must be >= 1'):
+        compare(_compare_args(tmp_path, tmp_path, '--jobs', '0'))
+    with pytest.raises(TimmTractError, match='give the baseline'):
         compare(_compare_args(tmp_path, tmp_path, '--model', 'test_resnet_tract'))
     with pytest.raises(ValueError, match='give the baseline'):
         compare(_compare_args(tmp_path, tmp_path, '--opt', 'tract-sgd'))

@@ -18,6 +18,10 @@ validation, so no scan appears in both. The result is written once as `train/<di
 cache directory, where every timm tool (train.py `--data-dir`, `create_dataset`) reads it.
 
 Location: `$TIMM_TRACT_DATA` if set, else `$XDG_CACHE_HOME/timm-tract/<name>` (`~/.cache/timm-tract/<name>`).
+
+Fashion-MNIST (`prepare_fashion_mnist`, `timm-tract data fashion-mnist`): the real Zalando data set from local files
+(Debian/Ubuntu package `dataset-fashion-mnist`, or any folder with the four idx files), laid out as torchvision's
+`ROOT/FashionMNIST/raw/*-ubyte` so timm reads it with `--dataset torch/fashion_mnist --data-dir ROOT`.
 """
 import json
 import os
@@ -28,7 +32,12 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ['DATASET_NAME', 'default_data_dir', 'ensure_data', 'build_data', 'read_manifest']
+from .errors import DataError, OutputExistsError
+
+__all__ = [
+    'DATASET_NAME', 'default_data_dir', 'ensure_data', 'build_data', 'read_manifest',
+    'FASHION_MNIST', 'FASHION_MNIST_SOURCE', 'fashion_mnist_dir', 'prepare_fashion_mnist', 'describe_data',
+]
 
 DATASET_NAME = 'digits-on-photos-v1'
 MANIFEST = 'timm_tract_data.json'
@@ -48,13 +57,17 @@ _DIGIT_RANGE = (22, 30)  # side of the rendered digit in output pixels
 _BG_DETAIL_RANGE = (0.3, 0.7)  # share of the background's own contrast kept under the ink
 
 
+def _cache_root() -> Path:
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(cache) / 'timm-tract'
+
+
 def default_data_dir() -> Path:
     """Where the embedded data set lives: `$TIMM_TRACT_DATA`, else the user cache directory."""
     env = os.environ.get('TIMM_TRACT_DATA')
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return Path(cache) / 'timm-tract' / DATASET_NAME
+    return _cache_root() / DATASET_NAME
 
 
 def read_manifest(root: Union[str, Path]) -> Optional[dict]:
@@ -86,11 +99,11 @@ def build_data(root: Union[str, Path], overwrite: bool = False) -> dict:
     root = Path(root)
     if root.exists():
         if read_manifest(root) is None and (not root.is_dir() or any(root.iterdir())):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f'{root} exists and is not a timm-tract embedded data set; refusing to write into it. '
                 f'Point TIMM_TRACT_DATA (or --root) at a new or empty directory.')
         if read_manifest(root) is not None and not overwrite:
-            raise FileExistsError(f'{root} already holds the embedded data set; pass overwrite=True to rebuild it.')
+            raise OutputExistsError(f'{root} already holds the embedded data set; pass overwrite=True to rebuild it.')
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
     try:
@@ -200,3 +213,198 @@ def _render_one(digit: np.ndarray, photos: List[np.ndarray], rng: np.random.Gene
     brightness = float(rng.uniform(0., 1. - contrast))
     img = img * contrast + brightness
     return np.clip(np.rint(img * 255.), 0, 255).astype(np.uint8)
+
+
+# --- Fashion-MNIST from local files ----------------------------------------------------------------------------------
+
+FASHION_MNIST = 'fashion-mnist'
+FASHION_MNIST_SOURCE = '/usr/share/datasets/fashion-mnist'  # Debian/Ubuntu package `dataset-fashion-mnist`
+FASHION_MNIST_HUB_ID = 'zalando-datasets/fashion_mnist'
+_FM_SIZES = {'train': 60000, 't10k': 10000}
+_IDX_MAGIC = {'images': 0x0803, 'labels': 0x0801}  # unsigned bytes, 3 dims (N, 28, 28) / 1 dim (N,)
+
+
+def fashion_mnist_dir(subset: Optional[Tuple[int, int]] = None) -> Path:
+    """Default Fashion-MNIST root in the user cache; a development subset gets its own folder."""
+    name = FASHION_MNIST if subset is None else f'{FASHION_MNIST}-dev{subset[0]}-{subset[1]}'
+    return _cache_root() / name
+
+
+def prepare_fashion_mnist(
+        root: Optional[Union[str, Path]] = None,
+        source: Optional[Union[str, Path]] = None,
+        subset: Optional[Tuple[int, int]] = None,
+        overwrite: bool = False,
+) -> Path:
+    """Lay out Fashion-MNIST as torchvision reads it (`ROOT/FashionMNIST/raw/*-ubyte`, uncompressed) and return ROOT.
+
+    Args:
+        root: where to write (default `fashion_mnist_dir(subset)`); an existing folder that is not a Fashion-MNIST root
+            written here is never touched.
+        source: folder with `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` (default: `$TIMM_TRACT_FASHION_MNIST`,
+            else the Debian package's folder).
+        subset: (n_train, n_val) for a development split: the first n_train training images as `train`, the last n_val
+            training images in the test files (timm's `validation` split); the official test set stays unused.
+            Files are checked for the idx layout (magic, 60,000/10,000 images of 28×28, labels 0-9), not by hash:
+            the Debian package recompresses them, so torchvision's MD5 sums of the .gz files do not apply.
+        overwrite: rewrite an existing root prepared here.
+    Returns ROOT, for `--dataset torch/fashion_mnist --data-dir ROOT`. Raises DataError (files missing or invalid,
+    bad subset) or OutputExistsError (root is not ours, or holds another subset).
+    """
+    root = Path(root) if root is not None else fashion_mnist_dir(subset)
+    wanted = _subset_record(subset)
+    manifest = _read_fm_manifest(root)
+    if manifest is not None and not overwrite:
+        if manifest.get('subset') == wanted:
+            return root
+        raise OutputExistsError(f'{root} holds Fashion-MNIST with subset {manifest.get("subset")}, not {wanted}; '
+                                f'rebuild it (--rebuild) or give another --root.')
+    if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise OutputExistsError(f'{root} exists and is not a Fashion-MNIST folder written by timm-tract; refusing to '
+                                f'write into it. Give a new or empty --root.')
+    arrays = _read_fm_source(Path(source or os.environ.get('TIMM_TRACT_FASHION_MNIST') or FASHION_MNIST_SOURCE))
+    if subset is not None:
+        arrays = _dev_split(arrays, *subset)
+    _write_atomically(root, _fm_writer(arrays, wanted))
+    return root
+
+
+def _subset_record(subset: Optional[Tuple[int, int]]) -> Optional[dict]:
+    if subset is None:
+        return None
+    n_train, n_val = (int(v) for v in subset)
+    if n_train < 1 or n_val < 1 or n_train + n_val > _FM_SIZES['train']:
+        raise DataError(f'--subset N_TRAIN N_VAL must be positive and sum to at most {_FM_SIZES["train"]} (the '
+                        f'training set, split without overlap), got {n_train} {n_val}.')
+    return {'train': f'training images [0, {n_train})',
+            'validation': f'training images [{_FM_SIZES["train"] - n_val}, {_FM_SIZES["train"]})'}
+
+
+def _read_fm_manifest(root: Path) -> Optional[dict]:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    raw = root / 'FashionMNIST' / 'raw'
+    complete = all((raw / _fm_file(split, kind)).is_file() for split in _FM_SIZES for kind in _IDX_MAGIC)
+    return manifest if manifest.get('name') == FASHION_MNIST and complete else None
+
+
+def _fm_file(split: str, kind: str) -> str:
+    return f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+
+
+def _missing_files_error(source: Path, missing: List[str]) -> DataError:
+    return DataError(
+        f'Fashion-MNIST files not found in {source} (missing {", ".join(missing)}). Get them with '
+        f'`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files in {FASHION_MNIST_SOURCE}), or pass --source '
+        f'DIR with the four *-ubyte[.gz] files, or, with internet, let torchvision download them: '
+        f'--dataset torch/fashion_mnist --dataset-download --data-dir DIR.')
+
+
+def _read_fm_source(source: Path) -> Dict[Tuple[str, str], np.ndarray]:
+    """The four idx files as arrays {(split, kind): uint8 array}, validated (magic, shape, labels, MD5 of .gz)."""
+    import gzip
+
+    found, missing = {}, []
+    for split in _FM_SIZES:
+        for kind in _IDX_MAGIC:
+            name = _fm_file(split, kind)
+            path = next((p for p in (source / name, source / f'{name}.gz') if p.is_file()), None)
+            if path is None:
+                missing.append(f'{name}[.gz]')
+            found[(split, kind)] = path
+    if missing:
+        raise _missing_files_error(source, missing)
+    arrays = {}
+    for (split, kind), path in found.items():
+        data = path.read_bytes()
+        if path.suffix == '.gz':
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                raise DataError(f'{path} is not a readable gzip file ({e}); reinstall or download it again.') from None
+        arrays[(split, kind)] = _parse_idx(data, path, kind, _FM_SIZES[split])
+    return arrays
+
+
+def _parse_idx(data: bytes, path: Path, kind: str, count: int) -> np.ndarray:
+    ndim = 3 if kind == 'images' else 1
+    header = 4 + 4 * ndim
+    magic = int.from_bytes(data[:4], 'big') if len(data) >= 4 else None
+    dims = tuple(int(d) for d in np.frombuffer(data[4:header], '>i4')) if len(data) >= header else ()
+    expected = (count, 28, 28) if kind == 'images' else (count,)
+    if magic != _IDX_MAGIC[kind] or dims != expected or len(data) != header + int(np.prod(expected)):
+        raise DataError(f'{path} is not the Fashion-MNIST {kind} file expected (idx magic {magic}, dims {dims}; '
+                        f'expected {_IDX_MAGIC[kind]}, {expected}).')
+    array = np.frombuffer(data, np.uint8, offset=header).reshape(expected)
+    if kind == 'labels' and array.max() > 9:
+        raise DataError(f'{path} has labels outside 0..9.')
+    return array
+
+
+def _dev_split(arrays: Dict[Tuple[str, str], np.ndarray], n_train: int, n_val: int) -> Dict[Tuple[str, str], np.ndarray]:
+    train = {kind: arrays[('train', kind)] for kind in _IDX_MAGIC}
+    return {**{('train', k): v[:n_train] for k, v in train.items()},
+            **{('t10k', k): v[len(v) - n_val:] for k, v in train.items()}}
+
+
+def _idx_bytes(array: np.ndarray, kind: str) -> bytes:
+    return (_IDX_MAGIC[kind].to_bytes(4, 'big') + np.asarray(array.shape, '>i4').tobytes()
+            + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def _fm_writer(arrays: Dict[Tuple[str, str], np.ndarray], subset: Optional[dict]):
+    """A function writing the torchvision layout and the manifest into a (temporary) folder."""
+    def write(out: Path) -> None:
+        raw = out / 'FashionMNIST' / 'raw'
+        raw.mkdir(parents=True)
+        for (split, kind), array in arrays.items():
+            (raw / _fm_file(split, kind)).write_bytes(_idx_bytes(array, kind))
+        pixels = arrays[('train', 'images')].astype(np.float64) / 255.
+        counts = {name: {str(c): int(n) for c, n in enumerate(np.bincount(arrays[(split, 'labels')], minlength=10))}
+                  for name, split in (('train', 'train'), ('validation', 't10k'))}
+        manifest = {
+            'name': FASHION_MNIST, 'display_name': 'Fashion-MNIST', 'hub_id': FASHION_MNIST_HUB_ID,
+            'timm_dataset': 'torch/fashion_mnist', 'img_size': 28, 'in_chans': 1, 'num_classes': 10,
+            'classes': list(_fm_classes()), 'subset': subset, 'counts': counts,
+            'mean': [round(float(pixels.mean()), 4)], 'std': [round(float(pixels.std()), 4)],
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+    return write
+
+
+def _fm_classes() -> Tuple[str, ...]:
+    from torchvision.datasets import FashionMNIST
+    return tuple(FashionMNIST.classes)
+
+
+def _write_atomically(root: Path, write) -> None:
+    """Run `write(tmp)` on a temporary sibling of `root`, then rename it into place (replacing an old `root`)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+    try:
+        write(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_data(data_dir: Optional[Union[str, Path]]) -> Optional[dict]:
+    """What a data folder prepared by timm-tract is, for reports and model cards: {'name' (real data set name),
+    'hub_id' (or None), 'classes', 'in_chans', 'subset' (None = the full official splits)}; None for other folders."""
+    if not data_dir:
+        return None
+    root = Path(data_dir)
+    embedded = read_manifest(root)
+    if embedded is not None:
+        return {'name': DATASET_NAME, 'hub_id': None, 'classes': list(embedded['counts']['train']), 'in_chans': 3,
+                'subset': None}
+    fm = _read_fm_manifest(root)
+    if fm is not None:
+        return {'name': fm['display_name'], 'hub_id': fm['hub_id'], 'classes': fm['classes'], 'in_chans': 1,
+                'subset': fm['subset']}
+    return None
