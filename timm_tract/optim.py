@@ -3,10 +3,15 @@
 On import, every optimizer in timm's registry gets a TrAct twin named `tract-<base>` (`tract-sgd`, `tract-adamw`,
 `tract-lamb`, ...; no `_` in the name, so `lookahead_tract-adamw` parses). Creating one:
 
-1. finds the model that owns the parameter groups (timm hands an optimizer only parameters, never the model),
-2. converts that model's first layer with `apply_tract` (timm's `first_conv`), in place and keeping the Parameter
-   objects, unless the model already has a TrAct layer (a `*_tract` model: never TrAct twice),
-3. returns the plain `<base>` optimizer built with every other keyword (so its state_dict is `<base>`'s).
+1. finds the model that owns the parameter groups (timm hands an optimizer only parameters, never the model): the
+   timm model around them (the module carrying timm's `first_conv` record, also inside a task wrapper), so a
+   head-only or parameter-subset optimizer still points at the model's stem, never at the first layer it trains;
+2. checks everything first: λ, the layer TrAct would use (the model's TrAct layers, else the `apply_tract` rule),
+   that this optimizer trains that layer (else the documented "not trained by this optimizer" error), and builds the
+   plain `<base>` optimizer with every other keyword (so its state_dict is `<base>`'s);
+3. only then converts the first layer with `apply_tract`, in place and keeping the Parameter objects (the optimizer
+   built in 2 keeps working), unless the model already has a TrAct layer (a `*_tract` model: never TrAct twice).
+   A failed creation leaves the model as it was.
 
 Keywords of the TrAct part (`--opt-kwargs tract_lambda=0.05 tract_sync_gram=True` in train.py): `tract_lambda`
 (default: the model's own λ for a TrAct model, else 0.1) and `tract_sync_gram` (all-reduce XᵀX over DDP ranks).
@@ -34,14 +39,16 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from .errors import TrActArgumentError
 from .functional import DEFAULT_LAMBDA, check_lambda
-from .layers import apply_tract, is_tract_layer
+from .layers import _first_conv_names, apply_tract, find_first_layer, is_tract_layer
+from .naming import TRACT_OPT_PREFIX, TRACT_PAPER_ID
 
 __all__ = ['TRACT_PREFIX', 'register_tract_optimizers', 'find_model_of_params', 'prepare_tract_model']
 
 _logger = logging.getLogger(__name__)
 
-TRACT_PREFIX = 'tract-'
+TRACT_PREFIX = TRACT_OPT_PREFIX  # kept for callers of earlier versions
 
 class _WeakIdMap:
     """obj -> weakref(target), keyed by identity (tensors have an elementwise __eq__); an entry vanishes with its key.
@@ -138,9 +145,8 @@ def _owner_among_tracked_modules(wanted: set) -> Optional[nn.Module]:
     return None
 
 
-def find_model_of_params(params: Sequence[torch.Tensor]) -> Optional[nn.Module]:
-    """The innermost module that holds every one of `params`, found through the registration hooks; None if the
-    parameters were never registered on a module (or belong to unrelated models)."""
+def _holder_of(params: Sequence[torch.Tensor]) -> Optional[nn.Module]:
+    """The innermost registered module that holds every one of `params`, or None."""
     wanted = {id(p) for p in params}
     if not wanted:
         return None
@@ -155,6 +161,30 @@ def find_model_of_params(params: Sequence[torch.Tensor]) -> Optional[nn.Module]:
     return None
 
 
+def find_model_of_params(params: Sequence[torch.Tensor]) -> Optional[nn.Module]:
+    """The model whose first layer a `tract-*` optimizer over `params` makes TrAct; None if the parameters were never
+    registered on a module (or belong to unrelated models).
+
+    Starting from the innermost module holding every parameter (the classifier, when only the head is given), the
+    model is the nearest enclosing module with timm's `first_conv` record; without one, a module with that record
+    inside the outermost enclosing module (a task wrapper around a timm model), else the outermost module itself.
+    """
+    holder = _holder_of(params)
+    if holder is None:
+        return None
+    chain = list(_ancestors(holder))
+    model = next((m for m in chain if _first_conv_names(m)), None)
+    if model is None:
+        model = next((m for m in chain[-1].modules() if _first_conv_names(m)), chain[-1])
+    return model
+
+
+def _target_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers TrAct is (already) on, else those `apply_tract` would convert (not converted here)."""
+    layers = [m for m in model.modules() if is_tract_layer(m)]
+    return layers or [model.get_submodule(name) for name in find_first_layer(model)]
+
+
 def prepare_tract_model(
         model: nn.Module,
         tract_lambda: Optional[float] = None,
@@ -164,15 +194,17 @@ def prepare_tract_model(
 
     A model without TrAct layer gets `apply_tract(model, tract_lambda or 0.1, sync_gram=...)`. A model that already
     has TrAct layers (a `*_tract` model, or `apply_tract` called before) keeps them; only an explicit `tract_lambda`
-    / `sync_gram` is set on them.
+    / `sync_gram` is set on them (λ checked before any layer changes).
     """
     layers = [m for m in model.modules() if is_tract_layer(m)]
     if not layers:
         apply_tract(model, DEFAULT_LAMBDA if tract_lambda is None else tract_lambda, sync_gram=bool(sync_gram))
         return [m for m in model.modules() if is_tract_layer(m)]
+    if tract_lambda is not None:
+        tract_lambda = check_lambda(tract_lambda)
     for layer in layers:
         if tract_lambda is not None:
-            layer.tract_lambda = check_lambda(tract_lambda)
+            layer.tract_lambda = tract_lambda
         if sync_gram is not None:
             layer.sync_gram = bool(sync_gram)
     return layers
@@ -186,33 +218,34 @@ def _create_tract_optimizer(
         tract_sync_gram: Optional[bool] = None,
         **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """`opt_class` of a `tract-<base>` registry entry: TrAct on the model owning `params`, then
-    `<base>(params, **kwargs)`."""
+    """`opt_class` of a `tract-<base>` registry entry: check, build `<base>(params, **kwargs)`, then TrAct on the
+    model owning `params` (validate first, convert last: a failure leaves the model unchanged)."""
     from timm.optim._optim_factory import default_registry
     if tract_lambda is not None:
         tract_lambda = check_lambda(tract_lambda)
     params = _materialize(params)
     tensors = list(_iter_group_params(params))
     model = find_model_of_params(tensors)
-    name = TRACT_PREFIX + _base
+    name = TRACT_OPT_PREFIX + _base
     if model is None:
-        raise ValueError(
+        raise TrActArgumentError(
             f'{name}: cannot find the model that owns the {len(tensors)} parameters given to the optimizer (they were '
             f'not registered on one nn.Module, e.g. a deepcopied or unpickled model, or parameters of several models). '
             f'Call timm_tract.apply_tract(model) and use the plain "{_base}" optimizer instead.')
-    layers = prepare_tract_model(model, tract_lambda, tract_sync_gram)
     trained = {id(p) for p in tensors}
-    frozen = [type(m).__name__ for m in layers if id(m.weight) not in trained]
+    frozen = [type(m).__name__ for m in _target_layers(model) if id(m.weight) not in trained]
     if frozen:
-        raise ValueError(
+        raise TrActArgumentError(
             f'{name}: the first layer of {type(model).__name__} ({", ".join(frozen)}) is not trained by this optimizer '
             f'(frozen, or left out of the parameter groups), so TrAct would have no effect. Use "{_base}", or train '
             f'the first layer.')
+    opt_class = default_registry.get_optimizer_class(_base, bind_defaults=False)
+    optimizer = opt_class(params, **kwargs)
+    layers = prepare_tract_model(model, tract_lambda, tract_sync_gram)
     _logger.info(
         f'{name}: TrAct on {type(model).__name__} first layer(s) '
         + ', '.join(f'{type(m).__name__}(tract_lambda={m.tract_lambda}, sync_gram={m.sync_gram})' for m in layers))
-    opt_class = default_registry.get_optimizer_class(_base, bind_defaults=False)
-    return opt_class(params, **kwargs)
+    return optimizer
 
 
 def register_tract_optimizers() -> List[str]:
@@ -224,15 +257,15 @@ def register_tract_optimizers() -> List[str]:
     existing = set(default_registry.list_optimizers())
     added = []
     for base in sorted(existing):
-        name = TRACT_PREFIX + base
-        if base.startswith(TRACT_PREFIX) or '_' in base or name in existing:
+        name = TRACT_OPT_PREFIX + base
+        if base.startswith(TRACT_OPT_PREFIX) or '_' in base or name in existing:
             continue  # '_' names cannot be reached through timm's name parser anyway
         info = default_registry.get_optimizer_info(base)
         default_registry.register(dataclasses.replace(
             info,
             name=name,
             opt_class=partial(_create_tract_optimizer, _base=base),
-            description=f'TrAct first layer (arXiv:2410.23970) + {base}: {info.description}',
+            description=f'TrAct first layer ({TRACT_PAPER_ID}) + {base}: {info.description}',
         ))
         added.append(name)
     return added
