@@ -4,7 +4,6 @@ import csv
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,7 @@ from timm_tract.cards import model_stats, training_command
 from timm_tract.hub import build_repo_folder, publish
 from timm_tract.train import build_train_parser
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_hub import FakeHub  # noqa: E402
-from _tract_runs import IMG, make_run, run_python, subprocess_env  # noqa: E402
+from _tract_runs import IMG, make_run, run_python, subprocess_env
 
 
 def front_matter(readme: str) -> dict:
@@ -122,24 +119,21 @@ def test_comparison_report_in_card(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_card_snippet_runs_against_the_published_repo(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True)
+def test_every_card_snippet_runs_against_the_published_repo(tmp_path, hub, no_xet):
     run = make_run(tmp_path / 'run', epochs=1)
     repo = 'me/test_resnet_tract.snippets'
-    with FakeHub() as hub:
-        publish(run, repo, endpoint=hub.url, token='hf_x', retries=0)
-        readme = hub.files(repo)['README.md'].decode()
-        blocks = python_blocks(readme)
-        assert len(blocks) == 4 and "timm.create_model('hf-hub:me/test_resnet_tract.snippets'" in blocks[0]
-        script = tmp_path / 'snippets.json'
-        script.write_text(json.dumps(blocks))
-        proc = run_python(f'''
-            import json
-            for i, block in enumerate(json.load(open({str(script)!r}))):
-                exec(compile(block, f'snippet{{i}}', 'exec'), {{'__name__': '__main__'}})
-                print(f'SNIPPET {{i}} OK', flush=True)
-        ''', subprocess_env(hub.url, tmp_path / 'hf_home'), timeout=240)
+    publish(run, repo, endpoint=hub.url, token='hf_x', retries=0)
+    readme = hub.files(repo)['README.md'].decode()
+    blocks = python_blocks(readme)
+    assert len(blocks) == 4 and "timm.create_model('hf-hub:me/test_resnet_tract.snippets'" in blocks[0]
+    script = tmp_path / 'snippets.json'
+    script.write_text(json.dumps(blocks))
+    proc = run_python(f'''
+        import json
+        for i, block in enumerate(json.load(open({str(script)!r}))):
+            exec(compile(block, f'snippet{{i}}', 'exec'), {{'__name__': '__main__'}})
+            print(f'SNIPPET {{i}} OK', flush=True)
+    ''', subprocess_env(hub.url, tmp_path / 'hf_home'), timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith('SNIPPET')] == [
         f'SNIPPET {i} OK' for i in range(4)]

@@ -19,10 +19,8 @@ import timm_tract
 from timm_tract.hub import PublishError, build_repo_folder, publish, read_run
 from timm_tract.published import load_manifest, published_cfgs
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_hub import FakeHub  # noqa: E402
-from _tract_runs import (IMG, REPO_ROOT, checkpoint_weights, fixed_input, free_port, make_run,  # noqa: E402
-                         reference_logits, run_python, subprocess_env)
+from _tract_runs import (IMG, REPO_ROOT, checkpoint_weights, fixed_input, free_port, make_run, reference_logits,
+                         run_python, subprocess_env)
 
 TOKEN = 'hf_TestTokenDoNotLeak0123456789'
 
@@ -32,18 +30,7 @@ def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp('runs') / 'tract-sgd')
 
 
-@pytest.fixture(scope='module')
-def hub():
-    with FakeHub() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _no_xet(monkeypatch):
-    """The fake Hub speaks legacy LFS, not Xet; huggingface_hub read the env at import, so patch its constants."""
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True)
-    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_TELEMETRY', True)
+pytestmark = pytest.mark.usefixtures('no_xet')
 
 
 # ----------------------------------------------------------------------------------------------- the folder

@@ -14,7 +14,7 @@ import timm_tract  # noqa: F401  (registers the tract-* optimizers)
 from timm_tract import apply_tract, is_tract_layer
 from timm_tract.optim import find_model_of_params, register_tract_optimizers, _module_parent, _param_owner
 
-from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _tiny_resnet(seed=0, **kw):

@@ -16,17 +16,13 @@ import timm_tract
 import timm_tract.train as tract_train
 from timm_tract.train import TrainError, build_train_parser, train
 
-from _train_helpers import one_thread, write_image_folder  # noqa: F401 (autouse fixture)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
-
-
-def _write_image_folder(root: Path, n_train: int = 6, n_val: int = 2, classes: int = 2) -> Path:
-    return write_image_folder(root, n_train, n_val, classes)
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return _write_image_folder(tmp_path_factory.mktemp('data'))  # 12 train images = 3 batches of 4, 4 val images
+def data_dir(tmp_path_factory, image_folder) -> Path:
+    return image_folder(tmp_path_factory.mktemp('data'), 6, 2)  # 12 train images = 3 batches of 4, 4 val images
 
 
 def _args(data_dir, out, name='run', **kw) -> argparse.Namespace:

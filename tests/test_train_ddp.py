@@ -18,14 +18,12 @@ from timm.utils import random_seed
 
 from timm_tract.train import build_train_parser, train
 
-from _train_helpers import write_image_folder
-
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _image_folder(root: Path, n_train: int, n_val: int = 4) -> Path:
-    return write_image_folder(root, n_train, n_val, base=60, step=120, noise=50)
+def _data(image_folder, root: Path, n_train: int, n_val: int = 4) -> Path:
+    return image_folder(root, n_train, n_val, base=60, step=120, noise=50)
 
 
 def _argv(data: Path, out: Path, name: str, batch: int, sync: bool):
@@ -59,8 +57,8 @@ def _summary(run_dir: Path):
     return (run_dir / 'summary.csv').read_text().splitlines()
 
 
-def test_two_processes_with_sync_gram_match_one_process(tmp_path):
-    data = _image_folder(tmp_path / 'data', n_train=8)  # 16 images: 2 steps of global batch 8
+def test_two_processes_with_sync_gram_match_one_process(tmp_path, image_folder):
+    data = _data(image_folder, tmp_path / 'data', n_train=8)  # 16 images: 2 steps of global batch 8
     ref = Path(_single(data, tmp_path / 'out', 'single', sync=True)['output_dir'])
     ddp = _torchrun(data, tmp_path / 'out', 'ddp', sync=True)
     ref_sd, ddp_sd = _weights(ref), _weights(ddp)
@@ -72,8 +70,8 @@ def test_two_processes_with_sync_gram_match_one_process(tmp_path):
     assert [float(v) for v in ddp_row[2:5]] == pytest.approx([float(v) for v in ref_row[2:5]], rel=1e-4)  # eval
 
 
-def test_two_processes_without_sync_gram_differ_in_first_layer_only(tmp_path):
-    data = _image_folder(tmp_path / 'data', n_train=4)  # 8 images: one step of global batch 8
+def test_two_processes_without_sync_gram_differ_in_first_layer_only(tmp_path, image_folder):
+    data = _data(image_folder, tmp_path / 'data', n_train=4)  # 8 images: one step of global batch 8
     ref = Path(_single(data, tmp_path / 'out', 'single', sync=False)['output_dir'])
     ddp = _torchrun(data, tmp_path / 'out', 'ddp', sync=False)
     ref_sd, ddp_sd = _weights(ref), _weights(ddp)
