@@ -71,3 +71,62 @@ def test_default_per_rank_gram_is_the_mean_of_per_rank_tract_gradients(tmp_path)
     # ...which is not the global-batch TrAct gradient (the paper's per-replica behaviour)
     single = _step_grad(_net(False), x, y)
     assert not torch.allclose(ddp_grad, single, rtol=1e-4, atol=0)
+
+
+# --- few rows per rank (N_rank < n), uneven across ranks, sync_gram: the global n×n Gram, not per-rank Woodbury ---
+
+def _few_rows_data(kind: str, rank: int):
+    """Rank 0 and rank 1 get different numbers of rows, each fewer than n (conv: n = 27; linear: n = 16)."""
+    gen = torch.Generator().manual_seed(10 + rank)
+    if kind == 'conv':  # 3×3/2 conv, padding 1, 4×4 images: 4 rows per image; rank 0: 1 image, rank 1: 2 images
+        x = torch.randn(1 + rank, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 + 0.5
+        gy = torch.randn(1 + rank, 5, 2, 2, generator=gen, dtype=torch.float64)
+    else:  # rank 0: 3 rows, rank 1: 2×3 rows
+        x = torch.randn(1 + rank, 3, 16, generator=gen, dtype=torch.float64) * 2 + 0.5
+        gy = torch.randn(1 + rank, 3, 5, generator=gen, dtype=torch.float64)
+    return x, gy
+
+
+def _few_rows_layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, 3, stride=2, padding=1) if kind == 'conv' else nn.Linear(16, 5)
+    return apply_tract(nn.Sequential(layer.double()), tract_lambda=0.1, sync_gram=True)
+
+
+def _few_rows_worker(rank: int, init_file: str, out_dir: str, kind: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
+    try:
+        model = DistributedDataParallel(_few_rows_layer(kind))
+        x, gy = _few_rows_data(kind, rank)
+        (model(x) * gy).sum().backward()
+        torch.save(model.module[0].weight.grad.detach().clone(), os.path.join(out_dir, f'grad{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def _oracle_global(kind: str) -> torch.Tensor:
+    """float64 TrAct gradient from the concatenated batch's rows: ½ Σ_r G_rᵀX_r (XᵀX/N + λI)⁻¹ (DDP averages)."""
+    rows, grads = [], []
+    for rank in range(WORLD):
+        x, gy = _few_rows_data(kind, rank)
+        if kind == 'conv':
+            cols = nn.functional.unfold(x, 3, padding=1, stride=2)
+            rows.append(cols.transpose(1, 2).reshape(-1, 27))
+            grads.append(gy.permute(0, 2, 3, 1).reshape(-1, 5))
+        else:
+            rows.append(x.reshape(-1, 16))
+            grads.append(gy.reshape(-1, 5))
+    assert all(r.shape[0] < r.shape[1] for r in rows) and rows[0].shape[0] != rows[1].shape[0]
+    x, g = torch.cat(rows), torch.cat(grads)
+    a = x.T @ x / x.shape[0] + 0.1 * torch.eye(x.shape[1], dtype=torch.float64)
+    return (g.T @ x @ torch.linalg.inv(a)) / WORLD
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['conv', 'linear'])
+def test_sync_gram_with_few_uneven_rows_per_rank_matches_float64_global_reference(tmp_path, kind):
+    mp.spawn(_few_rows_worker, args=(str(tmp_path / 'init'), str(tmp_path), kind), nprocs=WORLD, join=True)
+    grads = [torch.load(tmp_path / f'grad{r}.pt') for r in range(WORLD)]
+    assert torch.equal(grads[0], grads[1])
+    expected = _oracle_global(kind).reshape(grads[0].shape)
+    assert ((grads[0] - expected).norm() / expected.norm()) <= 1e-10

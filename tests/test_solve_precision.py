@@ -1,0 +1,143 @@
+""" Which system is solved (n×n Gram or N×N Woodbury, in which dtype), ill-conditioned float32 accuracy, and low
+precision (bf16 weights, CPU autocast) against an independent float64 reference. """
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm_tract import TrActConv2d, TrActLinear
+
+
+def _oracle(x, gy, weight_shape, tract_lambda, stride=1, padding=0):
+    """float64 TrAct gradient of a conv (zero padding, one group) by explicit unfold and inverse."""
+    x, gy = x.double(), gy.double()
+    cols = F.unfold(x, weight_shape[2:], padding=padding, stride=stride)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    grad_out = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
+    a = rows.T @ rows / rows.shape[0] + tract_lambda * torch.eye(rows.shape[1], dtype=torch.float64)
+    return (grad_out.T @ rows @ torch.linalg.inv(a)).reshape(weight_shape)
+
+
+def _oracle_linear(x, gy, tract_lambda):
+    x, gy = x.double().reshape(-1, x.shape[-1]), gy.double().reshape(-1, gy.shape[-1])
+    a = x.T @ x / x.shape[0] + tract_lambda * torch.eye(x.shape[1], dtype=torch.float64)
+    return gy.T @ x @ torch.linalg.inv(a)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def factorized(monkeypatch):
+    """Records (shape, dtype) of every matrix TrAct hands to the Cholesky factorization."""
+    seen = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def spy(a, *args, **kwargs):
+        seen.append((tuple(a.shape), a.dtype))
+        return cholesky_ex(a, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, 'cholesky_ex', spy)
+    return seen
+
+
+# (layer, input shape, dtype, sync_gram, expected factorized (shape, dtype))
+_SYSTEMS = [
+    ('linear', (47, 48), torch.float32, False, ((1, 47, 47), torch.float64)),  # N = n-1: Woodbury, float64
+    ('linear', (48, 48), torch.float32, False, ((1, 48, 48), torch.float32)),  # N = n: the Gram
+    ('linear', (3, 100, 48), torch.float32, False, ((1, 48, 48), torch.float32)),
+    ('linear', (10, 48), torch.float64, False, ((1, 10, 10), torch.float64)),
+    ('linear', (100, 48), torch.float64, False, ((1, 48, 48), torch.float64)),
+    ('linear', (10, 48), torch.float32, True, ((1, 48, 48), torch.float32)),  # sync_gram: always the (summable) Gram
+    ('conv', (1, 3, 6, 6), torch.float32, False, ((1, 16, 16), torch.float64)),  # N = 16 < n = 27
+    ('conv', (1, 3, 8, 8), torch.float32, False, ((1, 27, 27), torch.float32)),  # N = 36 >= 27
+    ('conv', (1, 3, 6, 6), torch.float32, True, ((1, 27, 27), torch.float32)),
+    ('conv_groups', (1, 6, 4, 4), torch.float32, False, ((2, 4, 4), torch.float64)),  # per group N = 4 < n = 27
+    ('conv_groups', (4, 6, 8, 8), torch.float32, False, ((2, 27, 27), torch.float32)),
+]
+
+
+@pytest.mark.parametrize('kind,shape,dtype,sync_gram,expected', _SYSTEMS)
+def test_the_smaller_system_is_factorized(factorized, kind, shape, dtype, sync_gram, expected):
+    torch.manual_seed(0)
+    if kind == 'linear':
+        layer = TrActLinear(48, 5, dtype=dtype, sync_gram=sync_gram)
+    else:
+        groups = 2 if kind == 'conv_groups' else 1
+        layer = TrActConv2d(shape[1], 4, 3, groups=groups, dtype=dtype, sync_gram=sync_gram)
+    x = torch.randn(shape, dtype=dtype)
+    y = layer(x)
+    assert not factorized  # nothing in forward
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    assert factorized == [expected]
+    if kind == 'linear':
+        assert _rel(layer.weight.grad, _oracle_linear(x, gy, 0.1)) <= (1e-10 if dtype == torch.float64 else 1e-5)
+    elif kind == 'conv':
+        assert _rel(layer.weight.grad, _oracle(x, gy, layer.weight.shape, 0.1)) <= 1e-5
+
+
+def _ill_conditioned(rows, n=48, scale=10.0, seed=0):
+    """Rows of rank 4 (times scale) plus 1 % noise: XᵀX/N has eigenvalues from ~1e-4 to ~scale²·n."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, n, generator=gen, dtype=torch.float64)
+    x = (base * scale + 0.01 * torch.randn(rows, n, generator=gen, dtype=torch.float64)).float()
+    return x, torch.randn(rows, 5, generator=gen, dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize('rows,scale,tract_lambda,bound', [
+    # N < n: the N×N system in float64. Measured error 0.027 (|ref| up to 93); solving the n×n system in float32
+    # instead is off by 11, so a flipped branch condition fails here by 400×.
+    (20, 10.0, 1e-3, 0.1),
+    # N >= n: the n×n system in float32. Measured error 0.025 (|ref| up to 21, condition number ~1e5).
+    (60, 3.0, 1e-2, 0.1),
+])
+def test_ill_conditioned_float32_absolute_error(rows, scale, tract_lambda, bound):
+    x, gy = _ill_conditioned(rows, scale=scale)
+    layer = TrActLinear(48, 5, tract_lambda=tract_lambda)
+    (layer(x) * gy).sum().backward()
+    ref = _oracle_linear(x, gy, tract_lambda)  # float64 from the same float32 values
+    err = (layer.weight.grad.double() - ref).abs().max().item()
+    assert err <= bound, f'max abs error {err:.3g} (|ref| max {ref.abs().max().item():.3g})'
+
+
+# --- low precision against an independent float64 reference ---
+
+def _conv_and_data(seed=0):
+    torch.manual_seed(seed)
+    layer = TrActConv2d(3, 8, 3, stride=2, padding=1, tract_lambda=0.1)
+    x = torch.randn(6, 3, 16, 16) * 3 + 1  # not standardized: TrAct differs strongly from the plain gradient
+    gy = torch.randn(6, 8, 8, 8)
+    return layer, x, gy
+
+
+def test_bf16_parameters_against_float64_reference():
+    layer, x, gy = _conv_and_data()
+    layer = layer.bfloat16()
+    plain = nn.Conv2d(3, 8, 3, stride=2, padding=1).bfloat16()
+    plain.load_state_dict(layer.state_dict())
+    xb, gyb = x.bfloat16(), gy.bfloat16()
+    (layer(xb) * gyb).sum().backward()
+    (plain(xb) * gyb).sum().backward()
+    ref = _oracle(xb, gyb, layer.weight.shape, 0.1, stride=2, padding=1)  # float64 from the same bf16 values
+    assert layer.weight.grad.dtype == torch.bfloat16
+    err = _rel(layer.weight.grad, ref)
+    assert err <= 1e-2  # bf16: 8 significant bits (measured 2.3e-3)
+    assert _rel(plain.weight.grad, ref) > 20 * err  # ... and it is the TrAct gradient, not the plain one
+
+
+@pytest.mark.parametrize('amp_dtype,tol', [(torch.bfloat16, 1.5e-2), (torch.float16, 3e-3)])  # measured 3.4e-3, 6.6e-4
+def test_cpu_autocast_against_float64_reference(amp_dtype, tol):
+    layer, x, gy = _conv_and_data(1)
+    plain = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    plain.load_state_dict(layer.state_dict())
+    with torch.autocast('cpu', dtype=amp_dtype):
+        y, y_plain = layer(x), plain(x)
+        assert y.dtype == amp_dtype
+        (y.float() * gy).sum().backward()
+        (y_plain.float() * gy).sum().backward()
+    ref = _oracle(x, gy, layer.weight.shape, 0.1, stride=2, padding=1)  # float64 from the float32 input
+    assert layer.weight.grad.dtype == torch.float32
+    err = _rel(layer.weight.grad, ref)
+    assert err <= tol
+    assert _rel(plain.weight.grad, ref) > 20 * tol
