@@ -1,5 +1,6 @@
 """ The embedded default data set: built from shipped pixels, balanced, seeded, readable by timm, never clobbering. """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,178 @@ def test_cli_prints_path(built):
                          check=True)
     assert out.stdout.strip() == str(root)  # stdout is only the path: usable as --data-dir "$(timm-tract data)"
     assert '10 classes' in out.stderr and 'train 1437 / validation 360' in out.stderr
+
+
+# --- Fashion-MNIST: layout preparation from idx files ------------------------------------------------------------
+
+import gzip  # noqa: E402
+
+from timm_tract import data as data_mod  # noqa: E402
+from timm_tract.data import FASHION_MNIST_SOURCE, describe_data, prepare_fashion_mnist  # noqa: E402
+from timm_tract.errors import DataError, OutputExistsError, TimmTractError  # noqa: E402
+
+_SMALL = {'train': 40, 't10k': 12}
+
+
+def _idx(array: np.ndarray, magic: int) -> bytes:
+    return magic.to_bytes(4, 'big') + np.asarray(array.shape, '>i4').tobytes() + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def idx_source(tmp_path, monkeypatch):
+    """Four small synthetic idx files (gzipped train, plain test) in the Fashion-MNIST names; the expected sizes are
+    patched to theirs. Image i of a split has every pixel = i (train) or 200 + i (test), label i % 10."""
+    monkeypatch.setattr(data_mod, '_FM_SIZES', dict(_SMALL))
+    src = tmp_path / 'src'
+    src.mkdir()
+    for split, n in _SMALL.items():
+        base = 0 if split == 'train' else 200
+        images = np.repeat(np.arange(base, base + n, dtype=np.uint8)[:, None, None], 28, 1).repeat(28, 2)
+        labels = np.arange(n) % 10
+        for kind, blob in (('images-idx3', _idx(images, 0x0803)), ('labels-idx1', _idx(labels, 0x0801))):
+            name = f'{split}-{kind}-ubyte'
+            if split == 'train':
+                (src / f'{name}.gz').write_bytes(gzip.compress(blob))
+            else:
+                (src / name).write_bytes(blob)
+    return src
+
+
+def test_fashion_mnist_layout_is_torchvisions(idx_source, tmp_path):
+    from torchvision.datasets import FashionMNIST
+
+    root = prepare_fashion_mnist(tmp_path / 'fm', source=idx_source)
+    raw = root / 'FashionMNIST' / 'raw'
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        f'{s}-{k}-ubyte' for s in _SMALL for k in ('images-idx3', 'labels-idx1'))  # uncompressed
+    train, test = FashionMNIST(str(root), train=True), FashionMNIST(str(root), train=False)
+    assert (len(train), len(test)) == (40, 12)
+    img, label = train[7]
+    assert img.mode == 'L' and img.size == (28, 28) and np.asarray(img).min() == 7 and label == 7
+    assert np.asarray(test[3][0]).max() == 203
+    info = describe_data(root)
+    assert info['name'] == 'Fashion-MNIST' and info['hub_id'] == 'zalando-datasets/fashion_mnist'
+    assert info['in_chans'] == 1 and info['subset'] is None and info['classes'][0] == 'T-shirt/top'
+    manifest = json.loads((root / 'timm_tract_data.json').read_text())
+    assert manifest['counts']['train'] == {str(c): 4 for c in range(10)}
+    assert manifest['mean'] == [round(19.5 / 255, 4)]  # mean pixel of images 0..39
+
+
+def test_timm_reads_fashion_mnist_as_grayscale(idx_source, tmp_path):
+    from timm.data import create_dataset
+
+    root = prepare_fashion_mnist(tmp_path / 'fm', source=idx_source)
+    for split, n in (('train', 40), ('validation', 12)):  # timm's validation split = the test files
+        ds = create_dataset('torch/fashion_mnist', root=str(root), split=split)
+        assert len(ds) == n and ds[0][0].mode == 'L'
+
+
+def test_fashion_mnist_development_subset(idx_source, tmp_path):
+    from torchvision.datasets import FashionMNIST
+
+    root = prepare_fashion_mnist(tmp_path / 'dev', source=idx_source, subset=(25, 10))
+    train, val = FashionMNIST(str(root), train=True), FashionMNIST(str(root), train=False)
+    train_px = sorted(int(np.asarray(train[i][0])[0, 0]) for i in range(len(train)))
+    val_px = sorted(int(np.asarray(val[i][0])[0, 0]) for i in range(len(val)))
+    assert train_px == list(range(25)) and val_px == list(range(30, 40))  # first 25 / last 10 training images
+    assert describe_data(root)['subset'] == {'train': 'training images [0, 25)', 'validation': 'training images [30, 40)'}
+    with pytest.raises(DataError, match='--subset'):
+        prepare_fashion_mnist(tmp_path / 'bad', source=idx_source, subset=(35, 10))  # would overlap
+    with pytest.raises(OutputExistsError, match='another --root'):
+        prepare_fashion_mnist(root, source=idx_source, subset=(20, 10))  # holds another subset
+    assert prepare_fashion_mnist(root, source=idx_source, subset=(20, 10), overwrite=True) == root
+    assert len(FashionMNIST(str(root), train=True)) == 20
+
+
+def test_fashion_mnist_is_prepared_once_and_never_over_user_files(idx_source, tmp_path):
+    root = prepare_fashion_mnist(tmp_path / 'fm', source=idx_source)
+    stamp = (root / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte').stat().st_mtime_ns
+    assert prepare_fashion_mnist(root, source=tmp_path / 'nowhere') == root  # ready: the source is not read again
+    assert (root / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte').stat().st_mtime_ns == stamp
+    user = tmp_path / 'mine'
+    user.mkdir()
+    (user / 'notes.txt').write_text('keep me')
+    with pytest.raises(OutputExistsError, match='not a Fashion-MNIST folder'):
+        prepare_fashion_mnist(user, source=idx_source)
+    assert [p.name for p in user.iterdir()] == ['notes.txt']
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary folder left behind
+
+
+def test_fashion_mnist_missing_or_bad_files(idx_source, tmp_path):
+    with pytest.raises(DataError) as info:
+        prepare_fashion_mnist(tmp_path / 'a', source=tmp_path / 'empty')
+    msg = str(info.value)
+    assert 'apt-get install dataset-fashion-mnist' in msg and '--dataset-download' in msg and '--source' in msg
+    assert '\n' not in msg and not (tmp_path / 'a').exists()
+    (idx_source / 't10k-labels-idx1-ubyte').write_bytes(_idx(np.arange(12) % 10, 0x0803))  # wrong magic
+    with pytest.raises(DataError, match='t10k-labels-idx1-ubyte is not the Fashion-MNIST labels file'):
+        prepare_fashion_mnist(tmp_path / 'b', source=idx_source)
+    (idx_source / 't10k-labels-idx1-ubyte').write_bytes(_idx(np.arange(12) + 5, 0x0801))  # labels 5..16
+    with pytest.raises(DataError, match='outside 0..9'):
+        prepare_fashion_mnist(tmp_path / 'c', source=idx_source)
+    (idx_source / 'train-images-idx3-ubyte.gz').write_bytes(b'not gzip')
+    with pytest.raises(DataError, match='not a readable gzip'):
+        prepare_fashion_mnist(tmp_path / 'd', source=idx_source)
+    assert issubclass(DataError, (TimmTractError, ValueError)) and issubclass(OutputExistsError, FileExistsError)
+
+
+def test_cli_fashion_mnist_prints_root_only(idx_source, tmp_path, capsys):
+    from timm_tract.cli import main
+
+    root = tmp_path / 'fm'
+    assert main(['data', 'fashion-mnist', '--root', str(root), '--source', str(idx_source)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f'{root}\n'
+    assert '--dataset torch/fashion_mnist --data-dir' in err and '--in-chans 1' in err and 'train 40' in err
+    try:  # cli.main reports a TimmTractError as one line on stderr and exit code 2
+        rc, msg = main(['data', '--subset', '10', '10']), capsys.readouterr().err
+    except DataError as e:  # (a main that lets it through)
+        rc, msg = 2, str(e)
+    assert rc == 2 and 'apply to `timm-tract data fashion-mnist` only' in msg
+
+
+def test_cli_data_root_not_ours_is_a_timm_tract_error(tmp_path, capsys):
+    from timm_tract.cli import main
+
+    (tmp_path / 'x.txt').write_text('mine')
+    with pytest.raises(OutputExistsError):
+        ensure_data(tmp_path)
+    try:  # cli.main reports a TimmTractError as one line on stderr and exit code 2
+        rc, msg = main(['data', '--root', str(tmp_path)]), capsys.readouterr().err
+    except OutputExistsError as e:
+        rc, msg = 2, str(e)
+    assert rc == 2 and 'not a timm-tract embedded data set' in msg and len(msg.strip().splitlines()) == 1
+    assert (tmp_path / 'x.txt').read_text() == 'mine'
+
+
+@pytest.mark.slow
+def test_grayscale_training_end_to_end(idx_source, tmp_path):
+    """`--dataset torch/fashion_mnist --in-chans 1`: a 1-channel TrAct model trains and evaluates on the layout."""
+    from timm_tract.train import build_train_parser, train
+
+    root = prepare_fashion_mnist(tmp_path / 'fm', source=idx_source)
+    args = build_train_parser().parse_args([
+        '--dataset', 'torch/fashion_mnist', '--data-dir', str(root), '--model', 'resnet10t_tract', '--in-chans', '1',
+        '--num-classes', '10', '--img-size', '28', '--crop-pct', '1', '--mean', '0.286', '--std', '0.353', '-b', '8',
+        '--epochs', '1', '--lr', '0.05', '--no-aug', '--workers', '0', '--output', str(tmp_path / 'out'),
+        '--experiment', 'gray', '--device', 'cpu'])
+    result = train(args)
+    assert len(result['history']) == 1 and result['history'][0]['eval_top1'] is not None
+    import yaml
+    saved = yaml.safe_load(open(Path(result['output_dir']) / 'args.yaml'))
+    assert saved['in_chans'] == 1 and saved['dataset'] == 'torch/fashion_mnist'
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(FASHION_MNIST_SOURCE).is_dir(),
+                    reason=f'Debian package dataset-fashion-mnist not installed ({FASHION_MNIST_SOURCE})')
+def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+    from timm.data import create_dataset
+
+    root = prepare_fashion_mnist(tmp_path / 'fm')
+    manifest = json.loads((root / 'timm_tract_data.json').read_text())
+    assert manifest['counts']['train'] == {str(c): 6000 for c in range(10)}
+    assert manifest['counts']['validation'] == {str(c): 1000 for c in range(10)}
+    assert manifest['mean'] == [0.286] and manifest['std'] == [0.353]  # the published Fashion-MNIST statistics
+    ds = create_dataset('torch/fashion_mnist', root=str(root), split='validation')
+    assert len(ds) == 10000 and ds[0][1] == 9  # the first test image is an ankle boot
