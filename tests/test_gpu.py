@@ -14,6 +14,15 @@ from timm_tract import functional as TF
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 
 
+@pytest.fixture(autouse=True)
+def full_fp32():
+    """cuDNN convolutions default to TF32 (10-bit mantissa): off, so float32 results can be held to float32 bounds."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def _net(tract=True, stem=(3, 16, 7, 2, 3), bn=True):
     torch.manual_seed(0)
     conv = (TrActConv2d if tract else nn.Conv2d)(*stem[:3], stride=stem[3], padding=stem[4], bias=False)
