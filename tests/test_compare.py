@@ -416,6 +416,14 @@ def test_compare_via_optimizer(small_data, tmp_path):
     assert report['tract_label'] == 'test_resnet + tract-sgd'
 
 
+def test_jobs_defaults():
+    from timm_tract.compare import _cpu_count, _resolve_jobs
+
+    assert _resolve_jobs(None, 'cpu', 100) == (_cpu_count(), 1)  # CPU: a run per core, one torch thread each
+    assert _resolve_jobs(None, 'cpu', 1) == (1, 1) and _resolve_jobs(8, 'cpu', 3) == (3, 1)
+    assert _resolve_jobs(None, 'cuda', 12) == (1, None) and _resolve_jobs(2, 'cuda:1', 12) == (2, None)
+
+
 def test_compare_rejects_bad_input(tmp_path):
     from timm_tract.compare import compare
 
