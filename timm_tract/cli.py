@@ -1,12 +1,33 @@
-""" `timm-tract` command line: thin argument parsing over the package's functions. """
+""" `timm-tract` command line: thin argument parsing over the package's functions.
+
+Exit codes: 0 success; 2 a user error (bad flag or value, missing file, a run that cannot be resumed, a Hub call that
+kept failing), reported as one line on stderr; 130 interrupted. `--debug` (or TIMM_TRACT_DEBUG=1) adds the traceback
+of user errors; programming errors always show theirs.
+"""
 import argparse
+import logging
+import os
 import sys
 from typing import List, Optional
 
 
 def _command_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The parsed flags without the subcommand plumbing (`func`, `command`)."""
-    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ('func', 'command')})
+    """The parsed flags without the subcommand plumbing (`func`, `command`, `debug`)."""
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug')})
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage of `train` alone is 60 lines): `prog: error: ... (see prog --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 def _add_data(sub) -> None:
@@ -85,7 +106,9 @@ def _add_publish(sub) -> None:
     p.add_argument('--license', default='apache-2.0', help='license id for the card (default apache-2.0)')
     p.add_argument('--label-names', default=None, help='text file with one class name per line (default: from the data)')
     p.add_argument('--dataset-id', default=None, help='Hub dataset id for the card (default: known from --dataset)')
-    p.add_argument('--dataset-name', default=None, help='data set name for the card')
+    p.add_argument('--dataset-name', default=None,
+                   help='data set name for the card (default: the known data set, the embedded set\'s name, else the '
+                        'data folder\'s name)')
     p.add_argument('--base-model', default=None, help='Hub repo the run was fine-tuned from (default: from args)')
     p.add_argument('--token', default=None, help='Hub token (default: HF_TOKEN or the huggingface_hub login)')
     p.add_argument('--private', action='store_true', help='create the repository as private')
@@ -93,28 +116,22 @@ def _add_publish(sub) -> None:
     p.add_argument('--commit-message', default=None)
     p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing directly')
     p.add_argument('--overwrite', action='store_true', help='replace the files of a repository that already has some')
-    p.add_argument('--retries', type=int, default=4, help='retries on network/server errors (exponential backoff)')
+    p.add_argument('--retries', type=_non_negative_int, default=4,
+                   help='retries of each Hub call on network/server errors (exponential backoff)')
     p.set_defaults(func=_run_publish)
 
 
 def _run_publish(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
-    from .hub import PublishError, publish
+    from .hub import PublishOptions, publish, read_label_names
 
-    labels = None
-    if args.label_names:
-        labels = [line.strip() for line in Path(args.label_names).read_text().splitlines() if line.strip()]
-    try:
-        result = publish(
-            args.run_dir, args.repo_id, dry_run=args.dry_run, output_dir=args.output_dir, checkpoint=args.checkpoint,
-            use_ema=not args.no_ema, license=args.license, label_names=labels, dataset_name=args.dataset_name,
-            dataset_id=args.dataset_id, base_model=args.base_model, token=args.token, private=args.private,
-            revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr,
-            overwrite=args.overwrite, retries=args.retries)
-    except PublishError as e:
-        print(f'timm-tract publish: error: {e}', file=sys.stderr)
-        return 1
+    options = PublishOptions(
+        checkpoint=args.checkpoint, use_ema=not args.no_ema, license=args.license,
+        label_names=read_label_names(args.label_names) if args.label_names else None,
+        dataset_name=args.dataset_name, dataset_id=args.dataset_id, base_model=args.base_model, token=args.token,
+        private=args.private, revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr,
+        overwrite=args.overwrite, retries=args.retries)
+    result = publish(args.run_dir, args.repo_id, options, dry_run=args.dry_run, output_dir=args.output_dir)
     if result.folder is not None:
         print(result.folder)
         print(f"load it with: timm.create_model('local-dir:{result.folder}', pretrained=True)", file=sys.stderr)
@@ -127,10 +144,9 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .train import build_train_parser
+    from .train import HelpFormatter, build_train_parser
     p = sub.add_parser(
-        'train', parents=[build_train_parser()], conflict_handler='resolve',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        'train', parents=[build_train_parser()], conflict_handler='resolve', formatter_class=HelpFormatter,
         help='train a timm model (a *_tract model or a tract-* optimizer) with timm train.py\'s flags and outputs',
         description='timm train.py for everyone without timm\'s repository: same flags, same output dir (args.yaml, '
                     'summary.csv, last.pth.tar, model_best.pth.tar, checkpoint-*.pth.tar). Multi-process: '
@@ -139,23 +155,16 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
-    from timm.utils import setup_default_logging
-    from .train import TrainError, train
+    from .train import train
 
-    setup_default_logging()
     run_args = _command_args(args)
-    try:
-        result = train(run_args)
-    except TrainError as e:
-        print(f'timm-tract train: error: {e}', file=sys.stderr)
-        return 2
+    result = train(run_args)
     if int(os.environ.get('RANK', 0)) != 0:  # torchrun: one report, from rank 0
         return 0
-    print(result['output_dir'])
-    if result['best_epoch'] >= 0:
-        print(f"best {run_args.eval_metric} {result['best_metric']:.4f} at epoch {result['best_epoch']}",
-              file=sys.stderr)
+    print(result.output_dir)
+    if result.best_epoch >= 0:
+        print(f"best {run_args.eval_metric} {result.best_metric:.4f} at epoch {result.best_epoch + 1} "
+              f"(epochs counted from 1)", file=sys.stderr)
     return 0
 
 
@@ -178,7 +187,9 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='timm-tract', description='TrAct first-layer training for timm models.')
+    parser = _Parser(prog='timm-tract', description='TrAct first-layer training for timm models.')
+    parser.add_argument('--debug', action='store_true', default=bool(os.environ.get('TIMM_TRACT_DEBUG')),
+                        help='show the traceback of user errors too (also TIMM_TRACT_DEBUG=1)')
     sub = parser.add_subparsers(dest='command', required=True)
     _add_data(sub)
     _add_publish(sub)
@@ -187,9 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """The library logs (timm_tract.*, timm.*); the command line shows INFO on stderr, without timm's per-epoch list
+    of checkpoint files."""
+    from timm.utils import setup_default_logging
+    setup_default_logging()
+    logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import TimmTractError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except TimmTractError as e:
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        message = ' '.join(str(e).split())  # one line, whatever the message holds
+        print(f'timm-tract {args.command}: error: {message}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'timm-tract {args.command}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

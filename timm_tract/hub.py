@@ -438,8 +438,21 @@ def build_repo_folder(run_dir: PathLike, repo_id: str, output_dir: PathLike,
 
 
 # ---------------------------------------------------------------------------------------------- upload
+def _network_cause(e: BaseException) -> Optional[BaseException]:
+    """The HTTP or transport error behind `e`: huggingface_hub wraps a failed LFS upload in a RuntimeError."""
+    from huggingface_hub.errors import HfHubHTTPError
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (HfHubHTTPError,) + _transport_errors()):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T:
-    """Call `fn`, retrying network and 5xx/429 errors with exponential backoff; clear PublishError otherwise."""
+    """Call `fn`, retrying network and 5xx/429 errors with exponential backoff (also when huggingface_hub wraps them,
+    as for the LFS upload); a clear PublishError naming the stage otherwise."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     error = 'no attempt made'
@@ -448,17 +461,21 @@ def _retrying(what: str, fn: Callable[[], T], retries: int, backoff: float) -> T
             return fn()
         except RevisionNotFoundError:
             raise  # the caller decides (e.g. create the branch)
-        except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else None
-            if status in (401, 403):
-                raise PublishError(
-                    f'{what}: the Hub refused the credentials (HTTP {status}). Log in with `hf auth login`, set '
-                    f'HF_TOKEN, or pass --token with a token that has write access to this namespace') from None
-            if isinstance(e, RepositoryNotFoundError) or status not in _RETRY_STATUS:
-                raise PublishError(f'{what} failed (HTTP {status}): {_server_message(e)}') from None
-            error = f'HTTP {status}'
-        except _transport_errors() as e:
-            error = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
+        except Exception as e:
+            cause = _network_cause(e)
+            if cause is None:
+                raise
+            if isinstance(cause, HfHubHTTPError):
+                status = cause.response.status_code if cause.response is not None else None
+                if status in (401, 403):
+                    raise PublishError(
+                        f'{what}: the Hub refused the credentials (HTTP {status}). Log in with `hf auth login`, set '
+                        f'HF_TOKEN, or pass --token with a token that has write access to this namespace') from None
+                if isinstance(cause, RepositoryNotFoundError) or status not in _RETRY_STATUS:
+                    raise PublishError(f'{what} failed (HTTP {status}): {_server_message(cause)}') from None
+                error = f'HTTP {status}'
+            else:
+                error = f'{type(cause).__name__}: {" ".join(str(cause).split())[:200]}'
         if attempt < retries:
             wait = backoff * 2 ** attempt
             _logger.warning(f'{what}: {error}; retrying in {wait:.1f}s ({attempt + 1}/{retries})')

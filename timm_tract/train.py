@@ -530,6 +530,7 @@ class _Run:
     updates_per_epoch: int
     start_epoch: int
     output_dir: str
+    data_config: Dict[str, Any]
     saver: Any = None
     num_updates: int = 0
 
@@ -739,7 +740,7 @@ def _build_run(args: argparse.Namespace) -> _Run:
     train_ds, eval_ds = _create_datasets(args, in_chans)
     _check_num_classes(args, model, (train_ds, eval_ds))
     _use_native_size(args, model, train_ds, tuple(resolve_data_config({}, model=model)['input_size'][1:]))
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    data_config = resolve_data_config(vars(args), model=model)  # logged once the run starts (_open_output)
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -788,7 +789,8 @@ def _build_run(args: argparse.Namespace) -> _Run:
                 amp_autocast=amp_autocast, loss_scaler=loss_scaler, loader_train=loader_train,
                 loader_eval=loader_eval, lr_scheduler=lr_scheduler, num_epochs=num_epochs,
                 updates_per_epoch=updates_per_epoch, start_epoch=start_epoch,
-                output_dir=_output_dir(args, data_config), num_updates=start_epoch * updates_per_epoch)
+                output_dir=_output_dir(args, data_config), data_config=data_config,
+                num_updates=start_epoch * updates_per_epoch)
 
 
 def _open_output(run: _Run) -> bool:
@@ -804,7 +806,9 @@ def _open_output(run: _Run) -> bool:
     trim_summary(os.path.join(out, rundir.SUMMARY_FILE), run.start_epoch)
     rundir.write_args(out, vars(args))
     _logger.info(f'{args.model} / {args.opt}: {run.num_epochs} epochs from {run.start_epoch}, lr {args.lr:.4g}, '
-                 f'{args.world_size} process(es), output {out}')
+                 f'{args.world_size} process(es), input {run.data_config["input_size"]}, mean '
+                 f'{tuple(round(v, 4) for v in run.data_config["mean"])}, std '
+                 f'{tuple(round(v, 4) for v in run.data_config["std"])}, output {out}')
     return created
 
 
