@@ -117,7 +117,14 @@ def test_lookahead_prefix_and_kwargs_routing():
     assert 'tract_lambda' not in group and 'tract_sync_gram' not in group
     layer, = _tract_layers(model)
     assert layer.tract_lambda == 0.05 and layer.sync_gram is True
-    _steps(model, opt, steps=1)  # sync_gram without a process group = local statistics
+    # the step: Lookahead(AdamW) with TrAct λ=0.05 on the stem (sync_gram without a process group = local statistics)
+    ref, plain = apply_tract(_tiny_resnet(), tract_lambda=0.05), _tiny_resnet()
+    kw = dict(lr=1e-3, betas=(0.8, 0.9), eps=1e-7)
+    losses = _steps(model, opt, steps=2)
+    assert losses == pytest.approx(_steps(ref, create_optimizer_v2(ref, 'lookahead_adamw', **kw), steps=2), rel=1e-5)
+    torch.testing.assert_close(model.conv1[0].weight, ref.conv1[0].weight)
+    _steps(plain, create_optimizer_v2(plain, 'lookahead_adamw', **kw), steps=2)
+    assert not torch.allclose(plain.conv1[0].weight, model.conv1[0].weight, atol=1e-7)
 
 
 def test_tract_kwargs_do_not_reach_base_and_are_validated():

@@ -255,13 +255,20 @@ def test_kill_during_checkpoint_write_leaves_last_checkpoint_intact(data_dir, tm
 def test_train_py_options_amp_channels_last_accum_ema_clip_compile(data_dir, tmp_path):
     """The options train.py users combine with TrAct, through the same call sequence (aot_eager: the autograd
     tracing of torch.compile without C++ code generation; inductor is checked in the README's manual run)."""
-    result = train(_args(
-        data_dir, tmp_path, opt='tract-adamw', lr=1e-3, amp=True, amp_dtype='bfloat16', channels_last=True,
-        grad_accum_steps=2, model_ema=True, clip_grad=1.0, torchcompile='aot_eager'))
+    options = dict(lr=1e-3, amp=True, amp_dtype='bfloat16', channels_last=True, grad_accum_steps=2, model_ema=True,
+                   clip_grad=1.0, torchcompile='aot_eager')
+    result = train(_args(data_dir, tmp_path, opt='tract-adamw', **options))
     assert np.isfinite(result['history'][0]['train_loss'])
     ck = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=False)
     assert 'state_dict_ema' in ck and not any(k.startswith(('_orig_mod', 'module.')) for k in ck['state_dict'])
     assert ck['optimizer']['state']  # optimizer stepped (3 batches, accumulation 2: 2 updates)
+    # none of the options switched TrAct off: the stem equals the *_tract model's run and differs from the plain run
+    train(_args(data_dir, tmp_path, 'twin', model='resnet10t_tract', opt='adamw', **options))
+    train(_args(data_dir, tmp_path, 'plain', opt='adamw', **options))
+    stem = {name: load_state_dict(str(tmp_path / name / 'last.pth.tar'))['conv1.0.weight']
+            for name in ('run', 'twin', 'plain')}
+    torch.testing.assert_close(stem['run'], stem['twin'], rtol=1e-3, atol=1e-5)
+    assert (stem['run'] - stem['plain']).abs().max() > 100 * (stem['run'] - stem['twin']).abs().max().clamp_min(1e-7)
 
 
 FAMILIES = [  # one model per family; ViT/DeiT at 32 px need the img_size model kwarg (fixed input size)
