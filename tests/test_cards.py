@@ -139,3 +139,21 @@ def test_every_card_snippet_runs_against_the_published_repo(tmp_path, hub, no_xe
         f'SNIPPET {i} OK' for i in range(4)]
     assert re.search(r'^(cat|dog|fish): \d+\.\d%$', proc.stdout, re.M)  # classification printed a label
     assert 'loss ' in proc.stdout
+
+
+def test_published_files_hold_no_local_paths_user_or_host(tmp_path):
+    """Paths become placeholders (`--data-dir <DATA_DIR>`); no home directory, user or host name is published."""
+    import getpass
+    import os
+    import socket
+    run = make_run(tmp_path / 'run', epochs=1, extra_args=dict(class_map='', initial_checkpoint='',
+                                                               resume=str(tmp_path / 'run' / 'last.pth.tar')))
+    folder = build_repo_folder(run, 'me/test_resnet_tract.private', tmp_path / 'repo').folder
+    text = {p.name: p.read_bytes().decode('utf-8', 'replace') for p in folder.iterdir() if p.suffix != '.safetensors'}
+    local = [str(tmp_path), str(tmp_path.resolve()), os.path.expanduser('~') + '/', f'/{getpass.getuser()}/']
+    local += [socket.gethostname()] if len(socket.gethostname()) >= 4 else []
+    for name, content in text.items():
+        for item in local:
+            assert item not in content, (name, item)
+    assert '--data-dir <DATA_DIR>' in text['README.md']
+    assert yaml.safe_load(text['train_hparams.yaml'])['data_dir'] == '<DATA_DIR>'

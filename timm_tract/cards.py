@@ -241,19 +241,19 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to_empty(device='meta')
 
 
-def training_command(args: Mapping[str, Any], parser: Optional[argparse.ArgumentParser] = None) -> str:
+def training_command(args: Mapping[str, Any], flags: Optional[Mapping[str, argparse.Action]] = None) -> str:
     """The command line that reproduces a run from its `args.yaml`, with local paths as placeholders
     (`--data-dir <DATA_DIR>`).
 
     `timm-tract train` when the run has `tract_lambda` (our trainer), else timm's `python train.py`. Flags come from
-    `parser` (default: `timm-tract train`'s, whose names are train.py's): values equal to the parser default are left
-    out, so the command parses back to the same args. Keys the parser does not know (train.py-only flags) are
+    `flags` (dest -> argparse Action; default: `timm_tract.train.train_flags()`, whose names are train.py's): values
+    equal to the default are left out, so the command parses back to the same args. Keys not among them (train.py-only
+    flags) are
     spelled `--key-name` when set. Booleans become bare flags, lists space-separated values, dicts `k=v` pairs.
     """
+    from .train import train_flags
     ours = 'tract_lambda' in args
-    if parser is None:
-        parser = _train_parser()
-    actions = {a.dest: a for a in getattr(parser, '_actions', ()) if a.option_strings}
+    actions = dict(train_flags() if flags is None else flags)
     program = ['timm-tract', 'train'] if ours else ['python', 'train.py']
     parts: List[str] = []
     first = ('model', 'data_dir', 'dataset')
@@ -280,26 +280,23 @@ def training_command(args: Mapping[str, Any], parser: Optional[argparse.Argument
         if value is True:
             parts.append(flag)
         elif isinstance(value, dict):
-            parts.append(' '.join([flag] + [shlex.quote(f'{k}={v}') for k, v in value.items()]))
+            parts.append(' '.join([flag] + [_quote(f'{k}={v}') for k, v in value.items()]))
         elif isinstance(value, (list, tuple)):
-            parts.append(' '.join([flag] + [shlex.quote(str(v)) for v in value]))
+            parts.append(' '.join([flag] + [_quote(str(v)) for v in value]))
         else:
-            parts.append(f'{flag} {shlex.quote(str(value))}')
+            parts.append(f'{flag} {_quote(str(value))}')
     return ' \\\n  '.join([' '.join(program)] + parts)
+
+
+def _quote(text: str) -> str:
+    """Shell quoting, except for placeholders the reader replaces (`<DATA_DIR>`)."""
+    return text if re.fullmatch(r'<[A-Z_]+>|[a-z-]+:<[A-Z_]+>', text) else shlex.quote(text)
 
 
 def _same(value: Any, default: Any) -> bool:
     if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
         return list(value) == list(default)
     return value == default and type(value) is type(default) or (value is None and default is None)
-
-
-def _train_parser() -> Optional[argparse.ArgumentParser]:
-    try:
-        from .train import build_train_parser
-    except ImportError:
-        return None
-    return build_train_parser()
 
 
 def _front_matter(info: CardInputs) -> str:

@@ -42,7 +42,7 @@ from .layers import is_tract_layer
 from .naming import TRACT_OPT_PREFIX, base_optimizer_name, is_tract_optimizer, twin_name
 from . import rundir
 
-__all__ = ['build_train_parser', 'train', 'TrainError', 'TrainResult']
+__all__ = ['build_train_parser', 'train_flags', 'train', 'TrainError', 'TrainResult']
 
 _logger = logging.getLogger(__name__)
 
@@ -69,6 +69,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _flag_group(parser: argparse.ArgumentParser, title: str):
+    """An argument group whose flags are recorded in `parser.train_flags` (dest -> Action), see `train_flags`."""
+    group = parser.add_argument_group(title)
+    add = group.add_argument
+
+    def add_argument(*args, **kwargs) -> argparse.Action:
+        action = add(*args, **kwargs)
+        parser.train_flags[action.dest] = action
+        return action
+    group.add_argument = add_argument
+    return group
+
+
+def train_flags() -> Dict[str, argparse.Action]:
+    """Every `timm-tract train` flag by its argparse destination (names, defaults and meanings of train.py's)."""
+    return dict(build_train_parser().train_flags)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     """Parser with timm train.py's flag names, defaults and meanings (the subset listed in `--help`), plus
     `--tract-lambda`."""
@@ -77,7 +95,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='timm-tract train', formatter_class=HelpFormatter,
         description='Train a timm model (with TrAct: a *_tract model or a tract-* optimizer) like timm\'s train.py.')
-    g = p.add_argument_group('Dataset')
+    p.train_flags = {}
+    g = _flag_group(p, 'Dataset')
     g.add_argument('--data-dir', metavar='DIR', help='dataset root (ImageFolder: DIR/<split>/<class>/*.png)')
     g.add_argument('--dataset', '-d', metavar='NAME', default='',
                    help="dataset type, e.g. torch/cifar10 (default: '', an ImageFolder)")
@@ -88,7 +107,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--input-img-mode', default=None, type=str, metavar='MODE',
                    help="image mode the data is read in: RGB, L (grayscale), ... (default: RGB for 3 input "
                         "channels, L for 1, as train.py)")
-    g = p.add_argument_group('Model')
+    g = _flag_group(p, 'Model')
     g.add_argument('--model', default='resnet50', metavar='MODEL', help='timm model, e.g. resnet50 or resnet50_tract')
     g.add_argument('--pretrained', action='store_true', default=False)
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load model weights from this checkpoint')
@@ -111,11 +130,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='k=v passed to create_model')
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND')
     g.add_argument('--torchcompile-mode', type=str, default=None)
-    g = p.add_argument_group('TrAct')
+    g = _flag_group(p, 'TrAct')
     g.add_argument('--tract-lambda', type=float, default=None, metavar='LAMBDA',
                    help='TrAct λ (> 0; 0.1 when not given): set on the TrAct layers of the built model (a *_tract '
                         'model), else passed to a tract-* optimizer')
-    g = p.add_argument_group('Optimizer')
+    g = _flag_group(p, 'Optimizer')
     g.add_argument('--opt', default='sgd', metavar='OPTIMIZER', help='timm optimizer, e.g. sgd, adamw, tract-sgd')
     g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
     g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
@@ -126,7 +145,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer-decay', type=float, default=None)
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='k=v passed to the optimizer (tract_lambda=, tract_sync_gram= for tract-*)')
-    g = p.add_argument_group('Learning rate schedule')
+    g = _flag_group(p, 'Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
     g.add_argument('--sched-on-updates', action='store_true', default=False)
     g.add_argument('--lr', type=float, default=None, metavar='LR',
@@ -144,7 +163,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
-    g = p.add_argument_group('Augmentation and regularization')
+    g = _flag_group(p, 'Augmentation and regularization')
     g.add_argument('--no-aug', action='store_true', default=False)
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
@@ -158,12 +177,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-interpolation', type=str, default='random')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT')
-    g = p.add_argument_group('Model EMA')
+    g = _flag_group(p, 'Model EMA')
     g.add_argument('--model-ema', action='store_true', default=False)
     g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true')
-    g = p.add_argument_group('Miscellaneous')
+    g = _flag_group(p, 'Miscellaneous')
     g.add_argument('--seed', type=int, default=42, metavar='S')
     g.add_argument('--log-interval', type=int, default=50, metavar='N')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
