@@ -1,5 +1,6 @@
 """ timm-tract: TrAct (Petersen et al., NeurIPS 2024, arXiv:2410.23970) for timm models. """
 from .version import __version__
+from .errors import TimmTractError
 from .layers import TrActConv2d, TrActLinear, apply_tract, remove_tract, is_tract_layer, find_first_layer
 from . import functional
 from . import models  # registers the <arch>_tract twins in timm's model registry
@@ -7,5 +8,5 @@ from . import optim  # registers the tract-<base> optimizers in timm's optimizer
 
 __all__ = [
     '__version__', 'TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer',
-    'functional',
+    'functional', 'TimmTractError',
 ]
