@@ -416,6 +416,26 @@ def test_compare_via_optimizer(small_data, tmp_path):
     assert report['tract_label'] == 'test_resnet + tract-sgd'
 
 
+def _sleep_task(seconds: float, threads=None) -> dict:
+    import time
+    time.sleep(seconds)
+    return {'slept': seconds, 'threads': threads}
+
+
+@pytest.mark.slow
+def test_parallel_results_arrive_as_each_run_finishes():
+    """`done` is called when a run finishes, not when all have: the short task is reported long before the long one."""
+    import time
+    from timm_tract.compare import _execute
+
+    tasks = [{'index': 0, 'cost': 2., 'kwargs': {'seconds': 4.}}, {'index': 1, 'cost': 1., 'kwargs': {'seconds': 0.1}},
+             {'index': 2, 'cost': 0.5, 'kwargs': {'seconds': 0.1}}]
+    arrived = {}
+    _execute(tasks, 2, 1, lambda task, result: arrived.setdefault(task['index'], (time.time(), result)), fn=_sleep_task)
+    assert sorted(arrived) == [0, 1, 2] and arrived[0][1] == {'slept': 4., 'threads': 1}
+    assert arrived[0][0] - arrived[2][0] > 2.  # tasks 1 and 2 ran on the second worker while task 0 slept
+
+
 def test_jobs_defaults():
     from timm_tract.compare import _cpu_count, _resolve_jobs
 

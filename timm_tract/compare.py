@@ -723,27 +723,30 @@ def _resolve_jobs(jobs: Optional[int], device: str, n_runs: int) -> Tuple[int, O
     return min(jobs or _cpu_count(), n_runs), 1
 
 
-def _execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable[[dict, dict], None]) -> None:
-    """Run every task (kwargs of `_run_one`); call `done(task, run)` as each finishes. Parallel runs start longest
-    first (budget, TrAct before baseline) so the workers finish close together."""
+def _execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable[[dict, dict], None],
+             fn: Callable[..., dict] = _run_one) -> None:
+    """Run `fn(**task['kwargs'], threads=threads)` for every task, `jobs` at a time in spawned worker processes
+    (in this process when jobs == 1); call `done(task, result)` as each one finishes. Workers take the most
+    expensive tasks ('cost') first, so they finish close together. A failing task cancels the ones not started and
+    re-raises here."""
     if jobs == 1:
         for task in tasks:
-            done(task, _run_one(**task['kwargs'], threads=threads))
+            done(task, fn(**task['kwargs'], threads=threads))
         return
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    order = sorted(tasks, key=lambda t: (-t['kwargs']['ns'].epochs, t['kwargs']['method'] != 'tract', t['index']))
+    order = sorted(tasks, key=lambda t: (-t.get('cost', 0.), t['index']))
     ctx = multiprocessing.get_context('spawn')  # a fresh interpreter per worker: no forked torch/OpenMP state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        pending = {pool.submit(_run_one, **t['kwargs'], threads=threads): t for t in order}
+        pending = {pool.submit(fn, **t['kwargs'], threads=threads): t for t in order}
         try:
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     task = pending.pop(future)
-                    done(task, future.result())  # re-raises a run's exception here
+                    done(task, future.result())  # re-raises the task's exception here
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -780,7 +783,8 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     for index, (budget, seed, method) in enumerate(specs):
         run_name = f'{method}-e{budget}-s{seed}'
         ns = _run_args(args, train_keys, flags[method], budget, seed, runs_dir, run_name)
-        tasks.append({'index': index, 'name': run_name, 'kwargs': dict(
+        tasks.append({'index': index, 'name': run_name, 'cost': budget * (1.2 if method == 'tract' else 1.),
+                      'kwargs': dict(
             ns=ns, method=method, keep=args.keep_checkpoints or (method, budget, seed) == keep,
             log_path=str(runs_dir / f'{run_name}.log'))})
     jobs, threads = _resolve_jobs(args.jobs, args.device, len(tasks))
