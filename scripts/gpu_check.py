@@ -325,7 +325,8 @@ def main() -> int:
     print()
     print(Path(args.md).read_text())
     _log(f'wrote {args.json} and {args.md} in {report.data["seconds"]} s')
-    failed = report.data['tests'] and (report.data['tests'].get('failed') or report.data['tests']['returncode'] not in (0, 5))
+    tests = report.data['tests']
+    failed = tests and (tests.get('failed') or tests['returncode'] not in (0, 5))
     return 1 if failed else 0
 
 

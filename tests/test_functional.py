@@ -12,7 +12,7 @@ import torch_tract
 import timm_tract
 from timm_tract import TrActConv2d, TrActLinear
 from timm_tract import functional as TF
-from timm_tract.errors import NotPositiveDefiniteError, TrActArgumentError, TrActTypeError
+from timm_tract.errors import TrActArgumentError, TrActTypeError
 
 
 def _brute_force_grad(x, weight, gy, tract_lambda, stride=1, padding=0, dilation=1, groups=1, padding_mode='zeros'):

@@ -37,7 +37,8 @@ class _Materialized(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         self.calls[name] = self.calls.get(name, 0) + 1
-        if not func.is_view and isinstance(out, torch.Tensor) and not name.endswith('_'):  # in-place ops allocate nothing
+        # in-place ops (name ending in _) allocate nothing
+        if not func.is_view and isinstance(out, torch.Tensor) and not name.endswith('_'):
             self.sizes.append(out.numel())
         return out
 

@@ -80,7 +80,8 @@ def test_the_smaller_system_is_factorized(factorized, kind, shape, dtype, sync_g
 def _ill_conditioned(rows, n=48, scale=10.0, seed=0):
     """Rows of rank 4 (times scale) plus 1 % noise: XᵀX/N has eigenvalues from ~1e-4 to ~scale²·n."""
     gen = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, n, generator=gen, dtype=torch.float64)
+    base = torch.randn(rows, 4, generator=gen, dtype=torch.float64)
+    base = base @ torch.randn(4, n, generator=gen, dtype=torch.float64)
     x = (base * scale + 0.01 * torch.randn(rows, n, generator=gen, dtype=torch.float64)).float()
     return x, torch.randn(rows, 5, generator=gen, dtype=torch.float64).float()
 

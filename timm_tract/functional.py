@@ -45,7 +45,7 @@ __all__ = ['tract_conv2d', 'tract_linear', 'tract_weight', 'patch_gram', 'ConvGe
 DEFAULT_LAMBDA = 0.1
 
 GRAM_CHUNK_ENV = 'TIMM_TRACT_GRAM_CHUNK_MB'
-# CPU: 8 MiB of patches per chunk (one 224 px ResNet-stem image in fp32), sized for the cache.
+# CPU: 8 MiB of patches per chunk (about one 224 px ResNet-stem image unfolded, 147 × 112² in fp32), cache-sized.
 _CPU_CHUNK_BYTES = 8 << 20
 # accelerators: this fraction of the device memory, within these bounds (unknown memory: the lower bound)
 _ACCEL_CHUNK_FRACTION = 1 / 512
@@ -90,7 +90,8 @@ def set_gram_chunk_bytes(nbytes: Optional[int]) -> None:
         if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
             raise TrActTypeError(f'set_gram_chunk_bytes takes an int number of bytes or None, got {nbytes!r}.')
         if nbytes < 1:
-            raise TrActArgumentError(f'The Gram chunk budget must be >= 1 byte, got {nbytes}; pass None for the default.')
+            raise TrActArgumentError(
+                f'The Gram chunk budget must be >= 1 byte, got {nbytes}; pass None for the default.')
         nbytes = int(nbytes)
     _chunk_bytes_setting = nbytes
 
@@ -381,7 +382,8 @@ def _pd_error(system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: flo
     if x is None and not bool(torch.isfinite(system).all()):
         return NotPositiveDefiniteError(
             f'{head}: XᵀX holds NaN/Inf (NaN/Inf in the input, or an input scale so large that XᵀX overflows '
-            f'{system.dtype}). Check the input batch for NaN/Inf, standardize it to mean 0 / std 1, or raise tract_lambda.')
+            f'{system.dtype}). Check the input batch for NaN/Inf, standardize it to mean 0 / std 1, '
+            f'or raise tract_lambda.')
     scale = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
     return NotPositiveDefiniteError(
         f'{head}: the input is finite but its scale{scale} is too large for a {system.dtype} Gram (XᵀX/N '

@@ -24,7 +24,12 @@ __all__ = ['TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_trac
 
 
 def _get_lambda(self) -> float:
-    return self._tract_lambda
+    state = self.__dict__
+    if '_tract_lambda' in state:
+        return state['_tract_lambda']
+    if 'tract_lambda' in state:  # a layer pickled before λ became a validated property
+        return state['tract_lambda']
+    raise AttributeError('tract_lambda')
 
 
 def _set_lambda(self, value: float) -> None:
@@ -69,7 +74,8 @@ class TrActConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
-        geom = conv_geometry(self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
+        geom = conv_geometry(
+            self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
         x4 = x.unsqueeze(0) if x.dim() == 3 else x
         return tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram)
 
