@@ -198,11 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log records to whatever `sys.stderr` is when they are emitted (callers and tests may swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler assigns it; the current sys.stderr is used instead
+        pass
+
+
 def _setup_logging() -> None:
-    """The library logs (timm_tract.*, timm.*); the command line shows INFO on stderr, without timm's per-epoch list
-    of checkpoint files."""
-    from timm.utils import setup_default_logging
-    setup_default_logging()
+    """The library logs (timm_tract.*, timm.*); the command line shows INFO on stderr (once, however often `main`
+    runs in a process), without timm's per-epoch list of checkpoint files."""
+    from timm.utils.log import FormatterNoInfo
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(FormatterNoInfo())
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
     logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)
 
 
