@@ -97,7 +97,8 @@ def test_markdown_and_json_report(tmp_path):
     assert '| resnet10t | 52.00 ± 2.00 | 62.00 ± 2.00 | 71.00 ± 1.00 |' in md
     assert '| resnet10t_tract | 61.00 ± 1.00 | 72.00 ± 1.00 | 75.00 ± 0.00 |' in md
     assert 'Speed-up 2.00x' in md and 'CPU test' in md and '2 min 05 s for 18 runs' in md
-    assert 'baseline 1 min 03 s, TrAct 1 min 03 s' in md and '`runs/x`' in md  # wall 1.5 s per epoch: 3 seeds x (2+4+8) x 1.5
+    # wall 1.5 s per epoch: 3 seeds x (2+4+8) epochs x 1.5 s per method
+    assert 'baseline 1 min 03 s, TrAct 1 min 03 s' in md and '`runs/x`' in md
     # paired differences: TrAct - baseline per seed at 2 epochs = 10, 9, 8 -> mean 9, sd 1, t(2) = 4.3027
     assert '| 2 epochs | 3 | +9.00 | [+6.52, +11.48] | TrAct better |' in md
     assert '| 8 epochs | 3 | +4.00 | [+1.52, +6.48] | TrAct better |' in md  # 5, 4, 3
@@ -161,7 +162,8 @@ def test_paired_differences_verdicts():
     md = format_markdown(build_report(_paired({1: [-3., -2., -4.], 2: [1., 2., 3.]}), baseline_label='a',
                                       tract_label='a_tract', data='toy', recipe='r', seeds=[0, 1, 2],
                                       wall_clock_s=1., machine=MACHINE))
-    assert '| 1 epochs | 3 | -3.00 | [-5.48, -0.52] | TrAct worse |' in md
+    assert '| 1 epoch | 3 | -3.00 | [-5.48, -0.52] | TrAct worse |' in md
+    assert '| method | 1 epoch | 2 epochs |' in md
 
 
 def test_paired_differences_only_use_seeds_both_methods_ran():
@@ -286,7 +288,8 @@ def test_paper_recipes_parse_with_the_real_cli():
         arch = args.model
         assert timm.is_model(arch) and (arch.endswith('_tract') or timm.is_model(f'{arch}_tract')), arch
         assert args.opt in list_optimizers() and f'tract-{args.opt}' in list_optimizers()
-        assert args.momentum == 0.9 and args.tract_lambda == (0.1 if argv[1] == 'compare' or arch.endswith('_tract') else None)
+        expected_lambda = 0.1 if argv[1] == 'compare' or arch.endswith('_tract') else None
+        assert args.momentum == 0.9 and args.tract_lambda == expected_lambda
         if argv[1] == 'compare':
             assert args.seeds == [0, 1, 2, 3, 4] and args.batch_size == 128 and args.sched == 'cosine'
             assert args.img_size == 32 and args.num_classes == 10 and args.dataset == 'torch/cifar10'
@@ -337,14 +340,15 @@ def test_compare_end_to_end(small_data, tmp_path, capsys):
     import yaml
     from timm_tract.compare import compare
 
-    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2', '--jobs', '2'),
-                     argv=[])
+    report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2',
+                                   '--jobs', '2'), argv=[])
     out = tmp_path / 'cmp'
     assert {p.name for p in out.iterdir()} == {'report.json', 'report.md', 'compare.png', 'runs'}
     # the plan first, then one line per finished run (its top-1 and time), then a summary; nothing else on stderr
     err = capsys.readouterr().err.splitlines()
     assert err[0] == 'timm-tract compare: test_resnet vs test_resnet_tract on ' + str(small_data)
-    assert err[1].strip() == '12 runs = 2 methods x budgets [1, 2] epochs x seeds [0, 1, 2]; 2 at a time, 1 torch thread each'
+    assert err[1].strip() == ('12 runs = 2 methods x budgets [1, 2] epochs x seeds [0, 1, 2]; 2 at a time, '
+                              '1 torch thread each')
     assert err[2].strip().startswith(f'output: {out}')
     progress = err[3:15]
     assert [ln[:7] for ln in progress] == [f'[{i:>2}/12]' for i in range(1, 13)]

@@ -179,7 +179,8 @@ def test_fashion_mnist_development_subset(idx_source, tmp_path):
     train_px = sorted(int(np.asarray(train[i][0])[0, 0]) for i in range(len(train)))
     val_px = sorted(int(np.asarray(val[i][0])[0, 0]) for i in range(len(val)))
     assert train_px == list(range(25)) and val_px == list(range(30, 40))  # first 25 / last 10 training images
-    assert describe_data(root)['subset'] == {'train': 'training images [0, 25)', 'validation': 'training images [30, 40)'}
+    assert describe_data(root)['subset'] == {'train': 'training images [0, 25)',
+                                             'validation': 'training images [30, 40)'}
     with pytest.raises(DataError, match='--subset'):
         prepare_fashion_mnist(tmp_path / 'bad', source=idx_source, subset=(35, 10))  # would overlap
     with pytest.raises(OutputExistsError, match='another --root'):

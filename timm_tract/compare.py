@@ -151,7 +151,8 @@ def bootstrap_speedup(runs: Sequence[dict], n_boot: int = 2000, seed: int = 0, t
     out = {'n_boot': n_boot, 'seed': seed, 'n_seeds': len(seeds), 'time_key': time_key, 'epochs': None,
            'time': None, 'not_reached_share': None, 'lower_bound_share': None, 'determined': False}
     if len(seeds) < 3 or not budgets:
-        out['text'] = f'Speed-up interval not determined: {len(seeds)} seed(s) in every cell, the bootstrap needs ≥ 3.'
+        out['text'] = (f'Speed-up interval not determined: {len(seeds)} seed(s) in every cell, the bootstrap '
+                       f'needs ≥ 3.')
         return out
     acc = np.array([[[_final(cells[(m, b)][s]) for s in seeds] for b in budgets] for m in METHODS])
     sec = np.array([[[_run_time(cells[(m, b)][s], time_key) for s in seeds] for b in budgets] for m in METHODS])
@@ -298,19 +299,19 @@ def format_markdown(report: dict) -> str:
         '',
         'Validation top-1 (%) after the last epoch, mean ± std over seeds:',
         '',
-        '| method | ' + ' | '.join(f'{b} epochs' for b in budgets) + ' |',
+        '| method | ' + ' | '.join(_epochs(b) for b in budgets) + ' |',
         '|---|' + '---|' * len(budgets),
     ]
     for method in METHODS:
         row = [f"{cell[(method, b)]['mean']:.2f} ± {cell[(method, b)]['std']:.2f}" if (method, b) in cell else '–'
                for b in budgets]
         lines.append(f'| {names[method]} | ' + ' | '.join(row) + ' |')
-    lines += ['', 'Paired difference TrAct − baseline (same seed: same initial weights and data order), top-1 points, '
-                  'mean and 95% t-interval over seeds:', '',
+    lines += ['', 'Paired difference TrAct − baseline (same seed: same initial weights and data order), top-1 '
+                  'points, mean and 95% t-interval over seeds:', '',
               '| budget | pairs | mean difference | 95% interval | verdict |', '|---|---|---|---|---|']
     for row in report.get('paired') or []:
         ci = f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]" if row['ci_low'] is not None else '–'
-        lines.append(f"| {row['epochs']} epochs | {row['n']} | {row['mean']:+.2f} | {ci} | "
+        lines.append(f"| {_epochs(row['epochs'])} | {row['n']} | {row['mean']:+.2f} | {ci} | "
                      f"{_VERDICTS[row['verdict']]} |")
     sp = report['speedup']
     lines += ['', sp['text']]
@@ -354,6 +355,10 @@ def format_markdown(report: dict) -> str:
                      f"{r['seed']} | {_final(r):.2f} | {_duration(_run_time(r, 'wall_s'))} | "
                      f"{_duration(_run_time(r, 'cpu_s'))} |")
     return '\n'.join(lines) + '\n'
+
+
+def _epochs(budget: int) -> str:
+    return f"{budget} epoch{'' if budget == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:
@@ -799,9 +804,11 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     start = time.time()
     load_start = _load_avg()
 
+    name_width = max(len(t['name']) for t in tasks)
+
     def done(task: dict, run: dict) -> None:
         results[task['index']] = run
-        _print(f"[{len(results):>{len(str(len(tasks)))}}/{len(tasks)}] {task['name']:<{max(len(t['name']) for t in tasks)}}"
+        _print(f"[{len(results):>{len(str(len(tasks)))}}/{len(tasks)}] {task['name']:<{name_width}}"
                f"  top-1 {run['top1']:6.2f}%  {run['wall_s']:7.1f} s (CPU {run['cpu_s']:.1f} s)"
                f"  elapsed {_duration(time.time() - start)}")
 

@@ -343,7 +343,10 @@ def _parse_idx(data: bytes, path: Path, kind: str, count: int) -> np.ndarray:
     return array
 
 
-def _dev_split(arrays: Dict[Tuple[str, str], np.ndarray], n_train: int, n_val: int) -> Dict[Tuple[str, str], np.ndarray]:
+_Arrays = Dict[Tuple[str, str], np.ndarray]
+
+
+def _dev_split(arrays: _Arrays, n_train: int, n_val: int) -> _Arrays:
     train = {kind: arrays[('train', kind)] for kind in _IDX_MAGIC}
     return {**{('train', k): v[:n_train] for k, v in train.items()},
             **{('t10k', k): v[len(v) - n_val:] for k, v in train.items()}}
