@@ -765,7 +765,7 @@ def _print(msg: str) -> None:
 
 def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     """Run the comparison configured by `build_compare_parser()` arguments; write and return the report."""
-    from .train import build_train_parser
+    from .train import train_flags
 
     args = argparse.Namespace(**vars(args))
     if args.model_kwargs is DEFAULT_MODEL_KWARGS:  # --model-kwargs not given: the narrow widths fit DEFAULT_MODEL only
@@ -773,7 +773,7 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     _check_args(args)
     flags = _twin(args)
     data_label = _resolve_data(args)
-    train_keys = [a.dest for a in build_train_parser()._actions if a.dest != 'help']
+    train_keys = list(train_flags())
 
     name = args.experiment or f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
     out_dir = Path(args.output or os.path.join('.', 'output', 'compare')) / name
