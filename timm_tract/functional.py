@@ -416,6 +416,7 @@ def _precondition(
         rows_form: bool,
         x: Optional[torch.Tensor],
 ) -> torch.Tensor:
+    """`tract_precondition` without validating λ; `x` (the layer input, or None) only names the cause of a failure."""
     g, n = stats.shape[0], stats.shape[-1]
     p = grad_w.reshape(g, -1, n).to(stats.dtype)  # (g, m_g, n)
     if rows_form:
