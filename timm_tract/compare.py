@@ -517,8 +517,8 @@ DEFAULT_MODEL = 'resnet18'
 DEFAULT_MODEL_KWARGS = {'channels': (16, 32, 64, 128)}  # a narrow ResNet-18 (only for DEFAULT_MODEL); stem stays 64
 DEFAULT_BUDGETS = (12, 16)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_RUN_MEASURED = ('12 runs; measured on 2 AMD EPYC cores, one torch thread per run: 6 min 34 s of CPU time, '
-                        '6 min 17 s wall-clock with other jobs on the cores; estimated 3 min 20 s on idle cores')
+DEFAULT_RUN_MEASURED = ('12 runs; measured with the default --jobs on 2 AMD EPYC cores: 2 min 59 s wall-clock '
+                        'when idle, 6 min 17 s with other jobs on them')
 _COMPARE_DEFAULTS = dict(
     model=DEFAULT_MODEL, model_kwargs=DEFAULT_MODEL_KWARGS, opt='sgd', lr=0.1, batch_size=32, weight_decay=5e-4,
     sched='cosine', sched_on_updates=True, warmup_epochs=0, smoothing=0., no_aug=True, workers=0, checkpoint_hist=1,
