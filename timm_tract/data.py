@@ -246,7 +246,7 @@ def prepare_fashion_mnist(
         subset: (n_train, n_val) for a development split: the first n_train training images as `train`, the last n_val
             training images in the test files (timm's `validation` split); the official test set stays unused.
             Files are checked for the idx layout (magic, 60,000/10,000 images of 28×28, labels 0-9), not by hash:
-            the Debian package recompresses them, so torchvision's MD5 sums of the .gz files do not apply.
+            the Debian package's .gz files all differ from torchvision's MD5 sums of the originals.
         overwrite: rewrite an existing root prepared here.
     Returns ROOT, for `--dataset torch/fashion_mnist --data-dir ROOT`. Raises DataError (files missing or invalid,
     bad subset) or OutputExistsError (root is not ours, or holds another subset).
