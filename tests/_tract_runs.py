@@ -21,7 +21,7 @@ IMG = 32
 
 def make_run(root: Path, arch: str = 'test_resnet', model_name: str = None, opt: str = 'tract-sgd',
              num_classes: int = 3, epochs: int = 2, ema: bool = False, model_kwargs: dict = None,
-             extra_args: dict = None) -> Path:
+             extra_args: dict = None, in_chans: int = 3) -> Path:
     """A train.py-layout run: real TrAct training steps on a real timm model, real torch.save checkpoints."""
     root.mkdir(parents=True)
     data = root / 'data'
@@ -35,7 +35,7 @@ def make_run(root: Path, arch: str = 'test_resnet', model_name: str = None, opt:
         timm_tract.apply_tract(model, 0.1)  # what a tract-* optimizer does at creation
     assert timm_tract.find_first_layer(model) and any(timm_tract.is_tract_layer(m) for m in model.modules())
     opt_ = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.randn(4, 3, IMG, IMG) * 3 + 1, torch.randint(0, num_classes, (4,))
+    x, y = torch.randn(4, in_chans, IMG, IMG) * 3 + 1, torch.randint(0, num_classes, (4,))
     args = dict(model=model_name or arch, num_classes=num_classes, img_size=IMG, data_dir=str(data), dataset='',
                 train_split='train', val_split='validation', epochs=epochs, opt=opt, lr=0.05, momentum=0.9,
                 batch_size=4, sched='cosine', model_kwargs=model_kwargs or {}, opt_kwargs={}, output=str(root.parent),

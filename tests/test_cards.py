@@ -157,3 +157,21 @@ def test_published_files_hold_no_local_paths_user_or_host(tmp_path):
             assert item not in content, (name, item)
     assert '--data-dir <DATA_DIR>' in text['README.md']
     assert yaml.safe_load(text['train_hparams.yaml'])['data_dir'] == '<DATA_DIR>'
+
+
+def test_grayscale_fashion_mnist_card(tmp_path):
+    """A 1-channel torch/fashion_mnist run: grayscale snippets, the official test split, Fashion-MNIST's names."""
+    import torchvision
+    run = make_run(tmp_path / 'fm', num_classes=10, model_kwargs={'in_chans': 1}, in_chans=1, extra_args=dict(
+        dataset='torch/fashion_mnist', in_chans=1, input_size=[1, IMG, IMG], mean=[0.286], std=[0.353]))
+    folder = build_repo_folder(run, 'me/test_resnet_tract.fm', tmp_path / 'repo').folder
+    readme = (folder / 'README.md').read_text()
+    meta = front_matter(readme)
+    assert meta['datasets'] == ['zalando-datasets/fashion_mnist']
+    assert meta['model-index'][0]['results'][0]['dataset']['split'] == 'test'
+    blocks = python_blocks(readme)
+    assert "Image.new('L'" in blocks[0] and "Image.new('RGB'" not in blocks[0]
+    assert all('torch.randn(1, 3,' not in b and 'torch.randn(8, 3,' not in b for b in blocks)
+    cfg = json.loads((folder / 'config.json').read_text())
+    assert cfg['label_names'] == list(torchvision.datasets.FashionMNIST.classes)
+    assert cfg['pretrained_cfg']['input_size'] == [1, IMG, IMG]

@@ -10,7 +10,6 @@ The README.md is rendered with Jinja2 from the templates in `model_cards/` (fron
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 from .naming import TRACT_BIBTEX, TRACT_PAPER_ID
 
-__all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'public_args', 'dataset_names',
+__all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'public_args', 'dataset_names', 'eval_split',
            'results_rows', 'comparison_section', 'TEMPLATE_DIR']
 
 # installed wheel: packaged as timm_tract/model_cards; source checkout / editable install: model_cards/ at the top
@@ -61,7 +60,6 @@ KNOWN_DATASETS = {
     'torch/imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
     'imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
 }
-_DATA_MANIFEST = 'timm_tract_data.json'  # written by `timm-tract data` next to the data it prepares
 _SAFE_TEXT = re.compile(r'^[\w.+\-/ ()]{1,100}$')  # labels and names taken from files: plain words only
 
 
@@ -88,25 +86,44 @@ def _safe_text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and _SAFE_TEXT.match(value) else None
 
 
+def _described_data(args: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """`timm_tract.data.describe_data` of the run's data folder (a data set timm-tract prepared), else None."""
+    from .data import describe_data
+    data_dir = args.get('data_dir')
+    return describe_data(data_dir) if isinstance(data_dir, str) and data_dir else None
+
+
 def dataset_names(args: Mapping[str, Any], name: Optional[str] = None,
                   dataset_id: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """(display name, Hub data set id) of the run's data: `name`/`dataset_id` when given, else a known timm data set,
-    `hfds/<id>`, the name in a timm-tract data manifest next to the data, else the data folder's name."""
+    `hfds/<id>`, a data set prepared by `timm-tract data` (its real name; a development split says so), else the data
+    folder's name."""
     ds = str(args.get('dataset') or '')
     known_name, known_id = KNOWN_DATASETS.get(ds.lower(), (None, None))
     if ds.startswith(('hfds/', 'hfids/')):
         known_name = known_id = ds.split('/', 1)[1]
+    described = _described_data(args)
+    if described is not None:
+        known_name = known_name or _safe_text(described.get('name'))
+        known_id = known_id or _safe_text(described.get('hub_id'))
+        if described.get('subset') and known_name:
+            known_name += ' (a development split of its training set)'
     data_dir = args.get('data_dir')
     if known_name is None and isinstance(data_dir, str) and data_dir:
-        try:
-            manifest = json.loads((Path(data_dir) / _DATA_MANIFEST).read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        manifest = manifest if isinstance(manifest, dict) else {}
-        known_name = _safe_text(manifest.get('display_name')) or _safe_text(manifest.get('name'))
-        known_id = known_id or _safe_text(manifest.get('hub_id'))
-        known_name = known_name or Path(data_dir).name
+        known_name = Path(data_dir).name
     return name or known_name or ds or 'unknown', dataset_id or known_id
+
+
+def eval_split(args: Mapping[str, Any]) -> str:
+    """The split the run's validation metrics are from: torch/* data sets evaluate on the official test split
+    (timm reads any non-train split of them as `train=False`); a development split holds out part of train."""
+    split = str(args.get('val_split') or 'validation')
+    described = _described_data(args)
+    if described is not None and described.get('subset'):
+        return 'train (held-out part)'
+    if str(args.get('dataset') or '').startswith('torch/') and split not in ('train', 'training'):
+        return 'test'
+    return split
 
 
 def _format_number(value: Optional[float]) -> str:
@@ -198,6 +215,7 @@ class CardInputs:
     plot_file: Optional[str] = None
     features_only: bool = True
     num_features: int = 0
+    in_chans: int = 3
 
 
 def model_stats(model: nn.Module, input_size: Sequence[int]) -> Dict[str, float]:

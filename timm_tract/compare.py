@@ -37,6 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import CompareError, OutputExistsError
+from .naming import TRACT_OPT_PREFIX, is_tract_optimizer, tract_base_arch, twin_name
+from .rundir import remove_checkpoints
 
 __all__ = [
     'build_compare_parser', 'compare', 'aggregate', 'speedup', 'paired_differences', 't_quantile', 'bootstrap_speedup',
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 METHODS = ('baseline', 'tract')
-_CHECKPOINTS = ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-*.pth.tar')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,7 +521,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_RUN_MEASURED = ('12 runs; measured with the default --jobs on 2 AMD EPYC cores: 2 min 59 s wall-clock '
                         'when idle, 6 min 17 s with other jobs on them')
 _COMPARE_DEFAULTS = dict(
-    model=DEFAULT_MODEL, model_kwargs=DEFAULT_MODEL_KWARGS, opt='sgd', lr=0.1, batch_size=32, weight_decay=5e-4,
+    model=DEFAULT_MODEL, model_kwargs=None, opt='sgd', lr=0.1, batch_size=32, weight_decay=5e-4,
     sched='cosine', sched_on_updates=True, warmup_epochs=0, smoothing=0., no_aug=True, workers=0, checkpoint_hist=1,
     log_interval=10 ** 6, tract_lambda=0.1,
 )
@@ -581,7 +582,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CompareError('--budgets and --seeds must not repeat values.')
     if args.jobs is not None and args.jobs < 1:
         raise CompareError(f'--jobs must be >= 1, got {args.jobs}.')
-    if args.model.split('.')[0].endswith('_tract') or args.opt.lower().split('_')[-1].startswith('tract-'):
+    if tract_base_arch(args.model) is not None or is_tract_optimizer(args.opt):
         raise CompareError(f'give the baseline (--model {args.model} --opt {args.opt}); compare trains its TrAct twin '
                            f'itself (--tract-via model: <model>_tract, --tract-via opt: tract-<opt>).')
 
@@ -594,13 +595,14 @@ def _twin(args: argparse.Namespace) -> Dict[str, dict]:
     base = {'model': args.model, 'opt': args.opt, 'tract_lambda': None}
     if args.tract_via == 'model':
         name, _, tag = args.model.partition('.')
-        twin = f'{name}_tract' + (f'.{tag}' if tag else '')
-        if not timm.is_model(f'{name}_tract'):
-            raise CompareError(f'{args.model!r} has no registered TrAct twin {name}_tract (timm_tract covers the '
-                               f'ResNet, ConvNeXt, ViT and DeiT families); use --tract-via opt (tract-{args.opt}).')
-        tract = {'model': twin, 'opt': args.opt, 'tract_lambda': args.tract_lambda}
+        twin = twin_name(name)
+        if not timm.is_model(twin):
+            raise CompareError(f'{args.model!r} has no registered TrAct twin {twin} (timm_tract covers the '
+                               f'ResNet, ConvNeXt, ViT and DeiT families); use --tract-via opt '
+                               f'({TRACT_OPT_PREFIX}{args.opt}).')
+        tract = {'model': twin + (f'.{tag}' if tag else ''), 'opt': args.opt, 'tract_lambda': args.tract_lambda}
     else:
-        tract = {'model': args.model, 'opt': f'tract-{args.opt}', 'tract_lambda': args.tract_lambda}
+        tract = {'model': args.model, 'opt': TRACT_OPT_PREFIX + args.opt, 'tract_lambda': args.tract_lambda}
     return {'baseline': base, 'tract': tract}
 
 
@@ -644,10 +646,6 @@ def _run_args(args: argparse.Namespace, train_keys: Sequence[str], flags: dict, 
     return ns
 
 
-def _remove_checkpoints(run_dir: str) -> None:
-    for pattern in _CHECKPOINTS:
-        for path in Path(run_dir).glob(pattern):
-            path.unlink()
 
 
 def _cpu_seconds() -> float:
@@ -709,7 +707,7 @@ def _run_one(ns: argparse.Namespace, method: str, keep: bool, log_path: str, thr
     if not history or history[-1].get('eval_top1') is None:
         raise CompareError('compare needs validation accuracy: give a --val-split that exists.')
     if not keep:
-        _remove_checkpoints(result['output_dir'])
+        remove_checkpoints(result['output_dir'])
     return {'method': method, 'epochs': ns.epochs, 'seed': ns.seed, 'model': ns.model, 'opt': ns.opt,
             'top1': history[-1]['eval_top1'], 'best_top1': result['best_metric'], 'best_epoch': result['best_epoch'],
             'wall_s': wall, 'cpu_s': cpu, 'output_dir': result['output_dir'], 'log': log_path,
@@ -768,7 +766,7 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     from .train import train_flags
 
     args = argparse.Namespace(**vars(args))
-    if args.model_kwargs is DEFAULT_MODEL_KWARGS:  # --model-kwargs not given: the narrow widths fit DEFAULT_MODEL only
+    if args.model_kwargs is None:  # --model-kwargs not given: the narrow widths fit DEFAULT_MODEL only
         args.model_kwargs = dict(DEFAULT_MODEL_KWARGS) if args.model == DEFAULT_MODEL else {}
     _check_args(args)
     flags = _twin(args)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 
 from . import rundir
-from .cards import (CardInputs, comparison_section, dataset_names, model_stats, public_args, render_model_card,
-                    results_rows, training_command)
+from .cards import (CardInputs, comparison_section, dataset_names, eval_split, model_stats, public_args,
+                    render_model_card, results_rows, training_command)
 from .errors import PublishError, RunDirError
 from .functional import DEFAULT_LAMBDA
 from .naming import TRACT_PAPER_ID, is_tract_optimizer, tract_base_arch, twin_name
@@ -244,6 +244,9 @@ def _label_names(args: Dict[str, Any], num_classes: int, given: Optional[Sequenc
                 break
     elif args.get('dataset') == 'torch/cifar10':
         names = _CIFAR10_LABELS
+    elif args.get('dataset') == 'torch/fashion_mnist':
+        from torchvision.datasets import FashionMNIST
+        names = list(FashionMNIST.classes)
     if names is not None and len(names) != num_classes:
         _logger.warning(f'ignoring {len(names)} class names found for a {num_classes}-class model; use --label-names')
         return None
@@ -369,11 +372,12 @@ def _write_card(run: RunInfo, w: _Weights, repo_id: str, options: PublishOptions
         license=options.license, label_names=w.label_names,
         model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
                     or (k == 'in_chans' and v != 3)},
-        dataset_name=ds_name, dataset_id=ds_id, dataset_split=str(run.args.get('val_split') or 'validation'),
+        dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args),
         base_model=options.base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=w.epoch,
         epochs=run.args.get('epochs'), ema=w.ema, top1=top1, top5=row['eval_top5'] if row else None,
         results=results_rows(run.history), comparison=comparison_section(run.report), plot_file=plot_name,
         features_only=_supports_features(w.base, _model_kwargs(run.args)), num_features=w.model.num_features,
+        in_chans=int(w.data_config['input_size'][0]),
     )
     (folder / 'README.md').write_text(render_model_card(info))
 
