@@ -9,9 +9,8 @@
 #   split, scripts/fashion_mnist_compare.sh), batch 64, weight decay 5e-4, cosine per update, no warmup, no
 #   augmentation, no label smoothing, 10 epochs, seed 0, TrAct lambda 0.1.
 # Deterministic: every run uses one torch thread on CPU (compare's default), the data order depends only on the seed.
-# The committed card (model_cards/zoo/resnet18_tract.tract_fashion_mnist/) comes from a run with --model-kwargs
-# channels=(16,32,64,128) stem_width=32 (compare's default kwargs at the time); stem_width does nothing for resnet18's
-# plain 7x7 stem (same modules, same parameters and initialization), so this script leaves it out.
+# The committed card (model_cards/zoo/resnet18_tract.tract_fashion_mnist/) was rendered from this script's run; the
+# first run of the model also passed stem_width=32, which resnet18's plain 7x7 stem ignores (identical weights).
 # Time: about 2 x 10 min of CPU (one AMD EPYC core per run; both runs in parallel on 2 cores).
 #
 # Usage:
