@@ -104,16 +104,8 @@ def build_data(root: Union[str, Path], overwrite: bool = False) -> dict:
                 f'Point TIMM_TRACT_DATA (or --root) at a new or empty directory.')
         if read_manifest(root) is not None and not overwrite:
             raise OutputExistsError(f'{root} already holds the embedded data set; pass overwrite=True to rebuild it.')
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
-    try:
-        manifest = _render_into(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    manifest: dict = {}
+    _write_atomically(root, lambda tmp: manifest.update(_render_into(tmp)))
     return manifest
 
 

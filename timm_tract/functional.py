@@ -227,7 +227,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     g = geom.groups
     cg = chans // g
     n = cg * geom.kernel_size[0] * geom.kernel_size[1]
-    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    (kh, _), (sh, _), (dh, _) = geom.kernel_size, geom.stride, geom.dilation
     pad_mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
     w = x.shape[3] + geom.pad[0] + geom.pad[1]
     h_out, w_out = _conv_out_size(x, geom)
