@@ -51,7 +51,7 @@ def test_front_matter_model_index_and_stats(cifar_run, tmp_path):
     with open(cifar_run / 'summary.csv') as f:
         best = list(csv.DictReader(f))[-1]  # model_best = last epoch here
     (result,) = meta['model-index'][0]['results']
-    assert result['dataset'] == dict(result['dataset'], type='uoft-cs/cifar10', split='validation')
+    assert result['dataset'] == dict(result['dataset'], type='uoft-cs/cifar10', split='test')  # timm: torch/* eval = test
     metrics = {m['type']: m['value'] for m in result['metrics']}
     assert metrics == {'accuracy': float(best['eval_top1']), 'top_5_accuracy': float(best['eval_top5'])}
 
