@@ -316,3 +316,13 @@ def test_timm_train_py_with_device_modules(data_dir, tmp_path, model, opt):
     if opt.startswith('tract-'):
         assert 'tract-sgd: TrAct on ResNet first layer' in proc.stderr + proc.stdout
     assert (tmp_path / 'e' / 'last.pth.tar').exists() and (tmp_path / 'e' / 'summary.csv').exists()
+
+
+@pytest.mark.slow
+def test_small_images_train_at_their_own_size(data_dir, tmp_path, caplog):
+    """16 px images and resnet10t's 224 px default, no --img-size: trained at 16 px, and the log says so."""
+    import logging
+    caplog.set_level(logging.INFO, logger='timm_tract')
+    result = train(_args(data_dir, tmp_path, img_size=None))
+    args = yaml.safe_load((Path(result.output_dir) / 'args.yaml').read_text())
+    assert args['img_size'] == 16 and 'training at 16x16' in caplog.text
