@@ -335,17 +335,20 @@ def _compare_args(data_dir, out, *extra):
 
 
 @pytest.mark.slow
-def test_compare_end_to_end(small_data, tmp_path, capsys):
+def test_compare_end_to_end(small_data, tmp_path, caplog):
     import csv
     import yaml
     from timm_tract.compare import compare
 
+    import logging
+    caplog.set_level(logging.INFO, logger='timm_tract.compare')
     report = compare(_compare_args(small_data, tmp_path, '--budgets', '1', '2', '--seeds', '0', '1', '2',
                                    '--jobs', '2'), argv=[])
     out = tmp_path / 'cmp'
     assert {p.name for p in out.iterdir()} == {'report.json', 'report.md', 'compare.png', 'runs'}
-    # the plan first, then one line per finished run (its top-1 and time), then a summary; nothing else on stderr
-    err = capsys.readouterr().err.splitlines()
+    # the plan first, then one line per finished run (its top-1 and time), then a summary (the library logs them; the
+    # CLI shows its log on stderr); nothing else
+    err = '\n'.join(r.getMessage() for r in caplog.records if r.name == 'timm_tract.compare').splitlines()
     assert err[0] == 'timm-tract compare: test_resnet vs test_resnet_tract on ' + str(small_data)
     assert err[1].strip() == ('12 runs = 2 methods x budgets [1, 2] epochs x seeds [0, 1, 2]; 2 at a time, '
                               '1 torch thread each')

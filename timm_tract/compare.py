@@ -26,6 +26,7 @@ Top-1 of a run is its final-epoch validation top-1 (no best-epoch selection). St
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -44,6 +45,8 @@ __all__ = [
     'build_compare_parser', 'compare', 'aggregate', 'speedup', 'paired_differences', 't_quantile', 'bootstrap_speedup',
     'epoch_times', 'build_report', 'plot_report', 'format_markdown', 'write_report', 'rebuild_report',
 ]
+
+_logger = logging.getLogger(__name__)
 
 METHODS = ('baseline', 'tract')
 
@@ -758,7 +761,8 @@ def _execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callabl
 
 
 def _print(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress for people (the plan, one line per finished run, the summary): logged, shown on stderr by the CLI."""
+    _logger.info(msg)
 
 
 def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
