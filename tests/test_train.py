@@ -252,11 +252,14 @@ def test_kill_during_checkpoint_write_leaves_last_checkpoint_intact(data_dir, tm
 
 
 @pytest.mark.slow
-def test_train_py_options_amp_channels_last_accum_ema_clip_compile(data_dir, tmp_path):
+@pytest.mark.parametrize('options', [dict(amp=True, amp_dtype='bfloat16'), dict(channels_last=True)],
+                         ids=['amp_bf16', 'channels_last'])
+def test_train_py_options_amp_channels_last_accum_ema_clip_compile(data_dir, tmp_path, options):
     """The options train.py users combine with TrAct, through the same call sequence (aot_eager: the autograd
-    tracing of torch.compile without C++ code generation; inductor is checked in the README's manual run)."""
-    options = dict(lr=1e-3, amp=True, amp_dtype='bfloat16', channels_last=True, grad_accum_steps=2, model_ema=True,
-                   clip_grad=1.0, torchcompile='aot_eager')
+    tracing of torch.compile without C++ code generation; inductor is checked in the README's manual run).
+    bf16 autocast and channels_last are combined with the rest separately: together on CPU (torch 2.14.1) they gave
+    a NaN loss in some runs also without TrAct (plain adamw), so they cannot be a test of TrAct here."""
+    options = dict(lr=1e-3, grad_accum_steps=2, model_ema=True, clip_grad=1.0, torchcompile='aot_eager', **options)
     result = train(_args(data_dir, tmp_path, opt='tract-adamw', **options))
     assert np.isfinite(result['history'][0]['train_loss'])
     ck = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=False)
