@@ -40,12 +40,10 @@ TARGETS = {'resnet18': 1.10, 'resnet50': 1.04, 'convnext_tiny': 1.01, 'vit_small
 VARIANTS = ('plain', 'timm_tract', 'official')
 
 
-def _build(name: str, variant: str, device: str):
-    import timm
+def make_variant(model: torch.nn.Module, variant: str, wrap_official=None) -> torch.nn.Module:
+    """The model as `variant` trains it: 'plain' unchanged, 'timm_tract' via `apply_tract`, 'official' with its first
+    layer wrapped in torch-tract's `TrAct` (then in `wrap_official`, if given). Shared with scripts/gpu_check.py."""
     import timm_tract
-
-    torch.manual_seed(0)
-    model = timm.create_model(name).to(device)
     if variant == 'timm_tract':
         timm_tract.apply_tract(model)
     elif variant == 'official':
@@ -53,7 +51,16 @@ def _build(name: str, variant: str, device: str):
         path, = timm_tract.find_first_layer(model)
         parent_name, _, child = path.rpartition('.')
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, torch_tract.TrAct(getattr(parent, child), l=0.1))
+        layer = torch_tract.TrAct(getattr(parent, child), l=0.1)
+        setattr(parent, child, wrap_official(layer) if wrap_official else layer)
+    return model
+
+
+def _build(name: str, variant: str, device: str):
+    import timm
+
+    torch.manual_seed(0)
+    model = make_variant(timm.create_model(name).to(device), variant)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     return model, opt
 

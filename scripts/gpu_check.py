@@ -112,20 +112,11 @@ class _Float32Layer(torch.nn.Module):
 
 def _build(name: str, variant: str, device: str, img_size: int, official_fp32: bool = False):
     import timm
-    import timm_tract
+    from bench_overhead import make_variant  # scripts/ is on sys.path when this script runs
 
     torch.manual_seed(0)
     kwargs = {'img_size': img_size} if img_size != 224 and ('vit' in name or 'deit' in name) else {}
-    model = timm.create_model(name, **kwargs)
-    if variant == 'timm_tract':
-        timm_tract.apply_tract(model)
-    elif variant == 'official':
-        import torch_tract
-        path, = timm_tract.find_first_layer(model)
-        parent_name, _, child = path.rpartition('.')
-        parent = model.get_submodule(parent_name)
-        layer = torch_tract.TrAct(getattr(parent, child), l=0.1)
-        setattr(parent, child, _Float32Layer(layer) if official_fp32 else layer)
+    model = make_variant(timm.create_model(name, **kwargs), variant, _Float32Layer if official_fp32 else None)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     return model, opt
