@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 import torch.nn as nn
 import timm
 import yaml

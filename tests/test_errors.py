@@ -24,7 +24,7 @@ from timm_tract.hub import PublishOptions, build_repo_folder, publish, read_labe
 from timm_tract.published import load_manifest, published_cfgs
 from timm_tract.train import build_train_parser, train
 
-from _tract_runs import REPO_ROOT, make_run, subprocess_env
+from _tract_runs import REPO_ROOT, make_run
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TIMM_TRACT = str(Path(sys.executable).parent / 'timm-tract')
