@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 
 from timm_tract.cards import model_stats, training_command
 from timm_tract.hub import build_repo_folder, publish
-from timm_tract.train import build_train_parser
+from timm_tract.flags import build_train_parser
 
 from _tract_runs import IMG, make_run, run_python, subprocess_env
 

@@ -253,7 +253,8 @@ def test_cli_data_root_not_ours_is_a_timm_tract_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_grayscale_training_end_to_end(idx_source, tmp_path):
     """`--dataset torch/fashion_mnist --in-chans 1`: a 1-channel TrAct model trains and evaluates on the layout."""
-    from timm_tract.train import build_train_parser, train
+    from timm_tract.flags import build_train_parser
+    from timm_tract.train import train
 
     root = prepare_fashion_mnist(tmp_path / 'fm', source=idx_source)
     args = build_train_parser().parse_args([
@@ -262,9 +263,9 @@ def test_grayscale_training_end_to_end(idx_source, tmp_path):
         '--epochs', '1', '--lr', '0.05', '--no-aug', '--workers', '0', '--output', str(tmp_path / 'out'),
         '--experiment', 'gray', '--device', 'cpu'])
     result = train(args)
-    assert len(result['history']) == 1 and result['history'][0]['eval_top1'] is not None
+    assert len(result.history) == 1 and result.history[0]['eval_top1'] is not None
     import yaml
-    saved = yaml.safe_load(open(Path(result['output_dir']) / 'args.yaml'))
+    saved = yaml.safe_load(open(Path(result.output_dir) / 'args.yaml'))
     assert saved['in_chans'] == 1 and saved['dataset'] == 'torch/fashion_mnist'
 
 

@@ -22,7 +22,8 @@ import timm_tract
 from timm_tract.errors import PublishError, RunDirError, TimmTractError, TrainError
 from timm_tract.hub import PublishOptions, build_repo_folder, publish, read_label_names, read_run
 from timm_tract.published import load_manifest, published_cfgs
-from timm_tract.train import build_train_parser, train
+from timm_tract.flags import build_train_parser
+from timm_tract.train import train
 
 from _tract_runs import REPO_ROOT, make_run
 

@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 import timm_tract
-from timm_tract.hub import PublishError, build_repo_folder, publish, read_run
+from timm_tract.errors import PublishError
+from timm_tract.hub import build_repo_folder, publish, read_run
 from timm_tract.published import load_manifest, published_cfgs
 
 from _tract_runs import (IMG, REPO_ROOT, checkpoint_weights, fixed_input, free_port, make_run, reference_logits,

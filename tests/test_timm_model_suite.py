@@ -2,7 +2,7 @@
 against the `<arch>_tract` twins.
 
 The sdist is downloaded once with `pip download timm==<version> --no-deps --no-binary :all:` into
-$TIMM_TRACT_SDIST_CACHE (default ~/.cache/timm-tract); its `tests/` folder is unpacked into a temporary directory and
+$TIMM_TRACT_SDIST_CACHE (default: timm-tract's cache, `$XDG_CACHE_HOME/timm-tract` or ~/.cache/timm-tract); its `tests/` folder is unpacked into a temporary directory and
 run in a pytest subprocess with a small plugin that imports `timm_tract` before collection (so timm's
 `list_models()` parametrization sees the twins) and keeps only the items of the representative subset below.
 
@@ -100,7 +100,8 @@ def test_tract_forward_intermediates_features(model_name):
 
 
 def _sdist_cache() -> Path:
-    return Path(os.environ.get('TIMM_TRACT_SDIST_CACHE') or Path.home() / '.cache' / 'timm-tract')
+    from timm_tract.data import cache_root
+    return Path(os.environ.get('TIMM_TRACT_SDIST_CACHE') or cache_root())
 
 
 def _fetch_sdist(version: str) -> Path:

@@ -14,7 +14,8 @@ from timm.utils import load_checkpoint_metadata
 
 import timm_tract
 import timm_tract.train as tract_train
-from timm_tract.train import TrainError, build_train_parser, train
+from timm_tract.flags import build_train_parser
+from timm_tract.train import TrainError, train
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -140,18 +141,18 @@ def test_epoch_data_order_is_seeded_and_matches_distributed_sampler(data_dir):
 def test_train_writes_train_py_layout_and_returns_history(data_dir, tmp_path):
     result = train(_args(data_dir, tmp_path, epochs=2, opt='tract-sgd', tract_lambda=0.05))
     run = tmp_path / 'run'
-    assert result['output_dir'] == str(run)
+    assert result.output_dir == str(run)
     files = sorted(os.listdir(run))
     assert files == ['args.yaml', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar',
                      'model_best.pth.tar', 'summary.csv']
     rows = _summary_rows(run)
     assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
-    assert [h['epoch'] for h in result['history']] == [0, 1]
-    for row, h in zip(rows, result['history']):
+    assert [h['epoch'] for h in result.history] == [0, 1]
+    for row, h in zip(rows, result.history):
         assert set(h) == {'epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'}
         assert float(row['train_loss']) == pytest.approx(h['train_loss']) and float(row['lr']) == h['lr']
-    best = max(result['history'], key=lambda h: h['eval_top1'])
-    assert result['best_metric'] == best['eval_top1'] and result['best_epoch'] == best['epoch']
+    best = max(result.history, key=lambda h: h['eval_top1'])
+    assert result.best_metric == best['eval_top1'] and result.best_epoch == best['epoch']
     saved = yaml.safe_load((run / 'args.yaml').read_text())
     assert saved['opt'] == 'tract-sgd' and saved['tract_lambda'] == 0.05 and saved['model'] == 'resnet10t'
     meta = load_checkpoint_metadata(str(run / 'last.pth.tar'))
@@ -261,7 +262,7 @@ def test_train_py_options_amp_channels_last_accum_ema_clip_compile(data_dir, tmp
     a NaN loss in some runs also without TrAct (plain adamw), so they cannot be a test of TrAct here."""
     options = dict(lr=1e-3, grad_accum_steps=2, model_ema=True, clip_grad=1.0, torchcompile='aot_eager', **options)
     result = train(_args(data_dir, tmp_path, opt='tract-adamw', **options))
-    assert np.isfinite(result['history'][0]['train_loss'])
+    assert np.isfinite(result.history[0]['train_loss'])
     ck = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=False)
     assert 'state_dict_ema' in ck and not any(k.startswith(('_orig_mod', 'module.')) for k in ck['state_dict'])
     assert ck['optimizer']['state']  # optimizer stepped (3 batches, accumulation 2: 2 updates)

@@ -16,7 +16,8 @@ import torch
 from timm.models import load_state_dict
 from timm.utils import random_seed
 
-from timm_tract.train import build_train_parser, train
+from timm_tract.flags import build_train_parser
+from timm_tract.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

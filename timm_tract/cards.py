@@ -20,10 +20,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .naming import TRACT_BIBTEX, TRACT_PAPER_ID
+from .compare.stats import speedup, table_rows
+from .data import describe_data, known_dataset
+from .naming import (LOCAL_MODEL_PREFIXES, TRACT_BIBTEX, TRACT_PAPER_ID, hub_repo_id, split_model_name_tag,
+                     tract_base_arch, twin_name)
+from .rundir import RunInfo, history_row
 
-__all__ = ['CardInputs', 'model_stats', 'training_command', 'render_model_card', 'public_args', 'dataset_names', 'eval_split',
-           'results_rows', 'comparison_section', 'TEMPLATE_DIR']
+__all__ = ['CardInputs', 'CardModel', 'model_card', 'model_stats', 'training_command', 'render_model_card', 'public_args',
+           'dataset_names', 'eval_split', 'results_rows', 'comparison_section', 'TEMPLATE_DIR']
 
 # installed wheel: packaged as timm_tract/model_cards; source checkout / editable install: model_cards/ at the top
 _PACKAGED_TEMPLATES = Path(__file__).resolve().parent / 'model_cards'
@@ -49,17 +53,7 @@ _PATH_PLACEHOLDERS = {
     'data_dir': '<DATA_DIR>', 'data': '<DATA_DIR>', 'class_map': '<CLASS_MAP>', 'initial_checkpoint': '<CHECKPOINT>',
     'resume': '<CHECKPOINT>', 'output': '<OUTPUT_DIR>', 'pretrained_path': '<CHECKPOINT>', 'config': '<CONFIG>',
 }
-_LOCAL_MODEL_PREFIXES = ('local-dir:', 'file:')
 
-# timm dataset names -> (display name, Hub dataset id)
-KNOWN_DATASETS = {
-    'torch/cifar10': ('CIFAR-10', 'uoft-cs/cifar10'),
-    'torch/cifar100': ('CIFAR-100', 'uoft-cs/cifar100'),
-    'torch/mnist': ('MNIST', 'ylecun/mnist'),
-    'torch/fashion_mnist': ('Fashion-MNIST', 'zalando-datasets/fashion_mnist'),
-    'torch/imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
-    'imagenet': ('ImageNet-1k', 'ILSVRC/imagenet-1k'),
-}
 _SAFE_TEXT = re.compile(r'^[\w.+\-/ ()]{1,100}$')  # labels and names taken from files: plain words only
 
 
@@ -69,7 +63,7 @@ def _public_value(key: str, value: Any) -> Any:
         return value
     if key in _PATH_PLACEHOLDERS:
         return _PATH_PLACEHOLDERS[key]
-    if value.startswith(_LOCAL_MODEL_PREFIXES):
+    if value.startswith(LOCAL_MODEL_PREFIXES):
         return value.split(':', 1)[0] + ':<MODEL_DIR>'
     if os.path.isabs(value) or value.startswith('~'):
         return '<PATH>'
@@ -88,7 +82,6 @@ def _safe_text(value: Any) -> Optional[str]:
 
 def _described_data(args: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """`timm_tract.data.describe_data` of the run's data folder (a data set timm-tract prepared), else None."""
-    from .data import describe_data
     data_dir = args.get('data_dir')
     return describe_data(data_dir) if isinstance(data_dir, str) and data_dir else None
 
@@ -99,7 +92,8 @@ def dataset_names(args: Mapping[str, Any], name: Optional[str] = None,
     `hfds/<id>`, a data set prepared by `timm-tract data` (its real name; a development split says so), else the data
     folder's name."""
     ds = str(args.get('dataset') or '')
-    known_name, known_id = KNOWN_DATASETS.get(ds.lower(), (None, None))
+    facts = known_dataset(ds) if ds else None
+    known_name, known_id = (facts.display_name, facts.hub_id) if facts else (None, None)
     if ds.startswith(('hfds/', 'hfids/')):
         known_name = known_id = ds.split('/', 1)[1]
     described = _described_data(args)
@@ -142,46 +136,24 @@ def results_rows(history: Sequence[Mapping[str, Optional[float]]], limit: int = 
     return rows
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _table_rows(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    rows = []
-    for r in report.get('table') or []:
-        if not isinstance(r, dict):
-            continue
-        method, epochs, n, mean, std = r.get('method'), r.get('epochs'), r.get('n', 0), r.get('mean'), r.get('std', 0.)
-        if (method in ('baseline', 'tract') and _is_int(epochs) and epochs > 0 and _is_int(n) and _is_real(mean)
-                and 0 <= mean <= 100 and _is_real(std) and std >= 0):
-            rows.append({'method': method, 'epochs': epochs, 'n': n, 'mean': float(mean), 'std': float(std)})
-    return rows
-
-
 def comparison_section(report: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     """Card section from a `timm-tract compare` report: the top-1 table (mean ± std over seeds) and the speed-up,
     both rendered here from the report's type-checked numbers; entries of the wrong type are left out."""
-    from .compare import speedup
-    rows = _table_rows(report or {})
+    rows = table_rows(report or {})
     if not rows:
         return None
     try:
-        summary = speedup(rows)['text']
+        summary = speedup([dataclasses.asdict(r) for r in rows])['text']
     except (ValueError, KeyError):
         summary = 'No speed-up was measured.'
-    seeds = [s for s in (report.get('seeds') or []) if _is_int(s)]
+    seeds = [s for s in (report.get('seeds') or []) if isinstance(s, int) and not isinstance(s, bool)]
     if seeds:
         summary += (f" Baseline and TrAct were trained with the same recipe and data order, seeds "
                     f"{', '.join(map(str, seeds))}.")
     labels = {'baseline': _safe_text(report.get('baseline_label')) or 'baseline',
               'tract': _safe_text(report.get('tract_label')) or 'TrAct'}
     return {'summary': summary, 'columns': ['method', 'epochs', 'seeds', 'top-1 (%)'],
-            'rows': [[labels[r['method']], str(r['epochs']), str(r['n']), f"{r['mean']:.2f} ± {r['std']:.2f}"]
-                     for r in rows]}
+            'rows': [[labels[r.method], str(r.epochs), str(r.n), f"{r.mean:.2f} ± {r.std:.2f}"] for r in rows]}
 
 
 @dataclasses.dataclass
@@ -269,7 +241,7 @@ def training_command(args: Mapping[str, Any], flags: Optional[Mapping[str, argpa
     flags) are
     spelled `--key-name` when set. Booleans become bare flags, lists space-separated values, dicts `k=v` pairs.
     """
-    from .train import train_flags
+    from .flags import train_flags
     ours = 'tract_lambda' in args
     actions = dict(train_flags() if flags is None else flags)
     program = ['timm-tract', 'train'] if ours else ['python', 'train.py']
@@ -383,3 +355,78 @@ def _overlay_kwargs(info: CardInputs) -> str:
     kwargs = {'num_classes': info.num_classes}
     kwargs.update({k: v for k, v in info.model_args.items() if k not in ('num_classes',)})
     return ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+
+
+@dataclasses.dataclass
+class CardModel:
+    """The published model and what describes it, computed once for the folder's files."""
+    model: torch.nn.Module
+    base: str
+    layer: str
+    tract: Dict[str, Any]
+    data_config: Dict[str, Any]
+    label_names: Optional[List[str]]
+    epoch: Optional[int]
+    metric: Optional[float]
+    ema: bool
+
+
+def _base_model_id(args: Dict[str, Any]) -> Optional[str]:
+    """The Hub repo the run was fine-tuned from, when it started from Hub weights (the twin's cfg for a `*_tract`
+    tag, e.g. a published `<arch>_tract.<tag>`, else the base architecture's)."""
+    import timm.models
+    model = str(args['model'])
+    if hub_repo_id(model):
+        return hub_repo_id(model)
+    if not args.get('pretrained') or args.get('pretrained_path') or args.get('initial_checkpoint'):
+        return None
+    cfg = None
+    for name in (model, f'{tract_base_arch(model)}.{split_model_name_tag(model)[1]}'):
+        try:
+            cfg = timm.models.get_pretrained_cfg(name.rstrip('.'))
+        except (RuntimeError, ValueError):
+            cfg = None
+        if getattr(cfg, 'hf_hub_id', None):
+            break
+    hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
+    return hub_id.split('@')[0] if hub_id else None
+
+
+def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
+    import timm
+    try:
+        timm.create_model(base, features_only=True, device='meta', **kwargs)
+    except Exception:  # timm raises various errors for architectures without a feature extractor
+        return False
+    return True
+
+
+def model_card(run: RunInfo, weights: CardModel, repo_id: str, *, license: str = 'apache-2.0',
+               dataset_name: Optional[str] = None, dataset_id: Optional[str] = None, base_model: Optional[str] = None,
+               plot_file: Optional[str] = None, model_args: Optional[Mapping[str, Any]] = None,
+               model_kwargs: Optional[Mapping[str, Any]] = None, template_dir: Optional[Path] = None) -> str:
+    """The whole model card (README.md text) of a published run, in one call: data set, training command, results,
+    the compare section, model statistics and the usage snippets, rendered from the run and the loaded weights.
+
+    `model_args` are the `model_args` of the published config.json; `model_kwargs` the create_model kwargs of the
+    base architecture (used to tell whether it supports `features_only`)."""
+    ds_name, ds_id = dataset_names(run.args, dataset_name, dataset_id)
+    row = history_row(run.history, weights.epoch)
+    model_args = dict(model_args or {})
+    info = CardInputs(
+        repo_id=repo_id, base_arch=weights.base, tract_arch=twin_name(weights.base),
+        num_classes=weights.model.num_classes, img_size=tuple(weights.data_config['input_size'][1:]),
+        stats=model_stats(weights.model, weights.data_config['input_size']), tract_lambda=weights.tract['lambda'],
+        tract_layer=weights.layer, train_command=training_command(run.args), license=license,
+        label_names=weights.label_names,
+        model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
+                    or (k == 'in_chans' and v != 3)},
+        dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args),
+        base_model=base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=weights.epoch,
+        epochs=run.args.get('epochs'), ema=weights.ema, top1=row['eval_top1'] if row else weights.metric,
+        top5=row['eval_top5'] if row else None, results=results_rows(run.history),
+        comparison=comparison_section(run.report), plot_file=plot_file,
+        features_only=_supports_features(weights.base, dict(model_kwargs or {})),
+        num_features=weights.model.num_features, in_chans=int(weights.data_config['input_size'][0]),
+    )
+    return render_model_card(info, template_dir)

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .version import __version__
+
 
 def _command_args(args: argparse.Namespace) -> argparse.Namespace:
     """The parsed flags without the subcommand plumbing (`func`, `command`, `debug`)."""
@@ -56,7 +58,7 @@ def _add_data(sub) -> None:
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    from .data import (build_data, default_data_dir, ensure_data, fashion_mnist_dir, prepare_fashion_mnist,
+    from .data import (MANIFEST, build_data, default_data_dir, ensure_data, fashion_mnist_dir, prepare_fashion_mnist,
                        read_manifest)
 
     if args.name == 'fashion-mnist':
@@ -64,7 +66,7 @@ def _run_data(args: argparse.Namespace) -> int:
         subset = tuple(args.subset) if args.subset else None
         root = prepare_fashion_mnist(args.root or fashion_mnist_dir(subset), source=args.source, subset=subset,
                                      overwrite=args.rebuild)
-        manifest = json.loads((root / 'timm_tract_data.json').read_text())
+        manifest = json.loads((root / MANIFEST).read_text())
         counts = {split: sum(c.values()) for split, c in manifest['counts'].items()}
         print(root)
         print(f"{manifest['display_name']} ({manifest['hub_id']}): 10 classes, 28x28 grayscale, train "
@@ -144,7 +146,7 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .train import HelpFormatter, build_train_parser
+    from .flags import HelpFormatter, build_train_parser
     p = sub.add_parser(
         'train', parents=[build_train_parser()], conflict_handler='resolve', formatter_class=HelpFormatter,
         help='train a timm model (a *_tract model or a tract-* optimizer) with timm train.py\'s flags and outputs',
@@ -169,8 +171,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub) -> None:
-    from .compare import COMPARE_DESCRIPTION, build_compare_parser
-    from .train import HelpFormatter
+    from .compare.run import COMPARE_DESCRIPTION, build_compare_parser
+    from .flags import HelpFormatter
     p = sub.add_parser(
         'compare', parents=[build_compare_parser(add_help=False)], conflict_handler='resolve',
         formatter_class=HelpFormatter, description=COMPARE_DESCRIPTION,
@@ -179,16 +181,22 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare.run import compare
 
     report = compare(_command_args(args))
     print(open(report['paths']['markdown']).read())
     return 0
 
 
+def _env_flag(name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on (any case) is on; unset, empty, 0/false/no/off are off."""
+    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog='timm-tract', description='TrAct first-layer training for timm models.')
-    parser.add_argument('--debug', action='store_true', default=bool(os.environ.get('TIMM_TRACT_DEBUG')),
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    parser.add_argument('--debug', action='store_true', default=_env_flag('TIMM_TRACT_DEBUG'),
                         help='show the traceback of user errors too (also TIMM_TRACT_DEBUG=1)')
     sub = parser.add_subparsers(dest='command', required=True)
     _add_data(sub)

@@ -23,6 +23,7 @@ Fashion-MNIST (`prepare_fashion_mnist`, `timm-tract data fashion-mnist`): the re
 (Debian/Ubuntu package `dataset-fashion-mnist`, or any folder with the four idx files), laid out as torchvision's
 `ROOT/FashionMNIST/raw/*-ubyte` so timm reads it with `--dataset torch/fashion_mnist --data-dir ROOT`.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ from .errors import DataError, OutputExistsError
 
 __all__ = [
     'DATASET_NAME', 'default_data_dir', 'ensure_data', 'build_data', 'read_manifest',
-    'FASHION_MNIST', 'FASHION_MNIST_SOURCE', 'fashion_mnist_dir', 'prepare_fashion_mnist', 'describe_data',
+    'FASHION_MNIST', 'FASHION_MNIST_SOURCE', 'KnownDataset', 'KNOWN_DATASETS', 'known_dataset',
+    'recorded_statistics', 'cache_root', 'fashion_mnist_dir', 'prepare_fashion_mnist', 'describe_data',
 ]
 
 DATASET_NAME = 'digits-on-photos-v1'
@@ -57,7 +59,7 @@ _DIGIT_RANGE = (22, 30)  # side of the rendered digit in output pixels
 _BG_DETAIL_RANGE = (0.3, 0.7)  # share of the background's own contrast kept under the ink
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return Path(cache) / 'timm-tract'
 
@@ -67,7 +69,7 @@ def default_data_dir() -> Path:
     env = os.environ.get('TIMM_TRACT_DATA')
     if env:
         return Path(env).expanduser()
-    return _cache_root() / DATASET_NAME
+    return cache_root() / DATASET_NAME
 
 
 def read_manifest(root: Union[str, Path]) -> Optional[dict]:
@@ -211,7 +213,41 @@ def _render_one(digit: np.ndarray, photos: List[np.ndarray], rng: np.random.Gene
 
 FASHION_MNIST = 'fashion-mnist'
 FASHION_MNIST_SOURCE = '/usr/share/datasets/fashion-mnist'  # Debian/Ubuntu package `dataset-fashion-mnist`
-FASHION_MNIST_HUB_ID = 'zalando-datasets/fashion_mnist'
+
+@dataclasses.dataclass(frozen=True)
+class KnownDataset:
+    """What timm-tract knows of a timm data set by name: display name, Hub data set id, class names (None: not
+    known without reading the data)."""
+    display_name: str
+    hub_id: str
+    classes: Optional[Tuple[str, ...]] = None
+
+
+def _torchvision_classes(name: str) -> Tuple[str, ...]:
+    import torchvision.datasets
+    return tuple(getattr(torchvision.datasets, name).classes)
+
+
+# timm data set names (`--dataset`) -> facts; class names of torchvision data sets come from torchvision itself
+KNOWN_DATASETS: Dict[str, KnownDataset] = {
+    'torch/cifar10': KnownDataset('CIFAR-10', 'uoft-cs/cifar10', ('airplane', 'automobile', 'bird', 'cat', 'deer',
+                                                                   'dog', 'frog', 'horse', 'ship', 'truck')),
+    'torch/cifar100': KnownDataset('CIFAR-100', 'uoft-cs/cifar100'),
+    'torch/mnist': KnownDataset('MNIST', 'ylecun/mnist'),
+    'torch/fashion_mnist': KnownDataset('Fashion-MNIST', 'zalando-datasets/fashion_mnist'),
+    'torch/imagenet': KnownDataset('ImageNet-1k', 'ILSVRC/imagenet-1k'),
+    'imagenet': KnownDataset('ImageNet-1k', 'ILSVRC/imagenet-1k'),
+}
+_FASHION_MNIST_TIMM = 'torch/fashion_mnist'
+
+
+def known_dataset(name: str) -> Optional[KnownDataset]:
+    """The facts of a timm data set name ('torch/cifar10'), None for others; Fashion-MNIST's classes from
+    torchvision."""
+    facts = KNOWN_DATASETS.get(str(name).lower())
+    if facts is not None and facts.classes is None and str(name).lower() == _FASHION_MNIST_TIMM:
+        facts = dataclasses.replace(facts, classes=_torchvision_classes('FashionMNIST'))
+    return facts
 _FM_SIZES = {'train': 60000, 't10k': 10000}
 _IDX_MAGIC = {'images': 0x0803, 'labels': 0x0801}  # unsigned bytes, 3 dims (N, 28, 28) / 1 dim (N,)
 
@@ -219,7 +255,7 @@ _IDX_MAGIC = {'images': 0x0803, 'labels': 0x0801}  # unsigned bytes, 3 dims (N, 
 def fashion_mnist_dir(subset: Optional[Tuple[int, int]] = None) -> Path:
     """Default Fashion-MNIST root in the user cache; a development subset gets its own folder."""
     name = FASHION_MNIST if subset is None else f'{FASHION_MNIST}-dev{subset[0]}-{subset[1]}'
-    return _cache_root() / name
+    return cache_root() / name
 
 
 def prepare_fashion_mnist(
@@ -359,19 +395,15 @@ def _fm_writer(arrays: Dict[Tuple[str, str], np.ndarray], subset: Optional[dict]
         pixels = arrays[('train', 'images')].astype(np.float64) / 255.
         counts = {name: {str(c): int(n) for c, n in enumerate(np.bincount(arrays[(split, 'labels')], minlength=10))}
                   for name, split in (('train', 'train'), ('validation', 't10k'))}
+        facts = known_dataset(_FASHION_MNIST_TIMM)
         manifest = {
-            'name': FASHION_MNIST, 'display_name': 'Fashion-MNIST', 'hub_id': FASHION_MNIST_HUB_ID,
-            'timm_dataset': 'torch/fashion_mnist', 'img_size': 28, 'in_chans': 1, 'num_classes': 10,
-            'classes': list(_fm_classes()), 'subset': subset, 'counts': counts,
+            'name': FASHION_MNIST, 'display_name': facts.display_name, 'hub_id': facts.hub_id,
+            'timm_dataset': _FASHION_MNIST_TIMM, 'img_size': 28, 'in_chans': 1, 'num_classes': 10,
+            'classes': list(facts.classes), 'subset': subset, 'counts': counts,
             'mean': [round(float(pixels.mean()), 4)], 'std': [round(float(pixels.std()), 4)],
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
     return write
-
-
-def _fm_classes() -> Tuple[str, ...]:
-    from torchvision.datasets import FashionMNIST
-    return tuple(FashionMNIST.classes)
 
 
 def _write_atomically(root: Path, write) -> None:
@@ -386,6 +418,18 @@ def _write_atomically(root: Path, write) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recorded_statistics(data_dir: Optional[Union[str, Path]]) -> Optional[Tuple[List[float], List[float]]]:
+    """(mean, std) per channel recorded in the manifest of a data folder timm-tract prepared (the embedded set,
+    Fashion-MNIST); None for other folders. `timm-tract train` standardizes such data with them by default."""
+    if not data_dir:
+        return None
+    root = Path(data_dir)
+    manifest = read_manifest(root) or _read_fm_manifest(root)
+    if manifest is None or 'mean' not in manifest or 'std' not in manifest:
+        return None
+    return [float(m) for m in manifest['mean']], [float(s) for s in manifest['std']]
 
 
 def describe_data(data_dir: Optional[Union[str, Path]]) -> Optional[dict]:

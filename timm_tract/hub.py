@@ -18,6 +18,7 @@ Hub call (create, list, branch, the commit with its LFS upload) is retried on ne
 exponential backoff, then fails with one message naming the stage.
 """
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -29,23 +30,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 
 from . import rundir
-from .cards import (CardInputs, comparison_section, dataset_names, eval_split, model_stats, public_args,
-                    render_model_card, results_rows, training_command)
+from .cards import CardModel, model_card, public_args
+from .data import known_dataset
 from .errors import PublishError, RunDirError
 from .functional import DEFAULT_LAMBDA
-from .naming import TRACT_PAPER_ID, is_tract_optimizer, tract_base_arch, twin_name
+from .naming import (TRACT_PAPER_ID, is_tract_optimizer, is_weights_source, repo_tag, split_model_name_tag,
+                     tract_base_arch, twin_name)
 from .version import __version__
 
-__all__ = ['PublishError', 'PublishOptions', 'PublishResult', 'RunInfo', 'read_run', 'read_label_names',
-           'build_repo_folder', 'publish']
+__all__ = ['PublishOptions', 'PublishResult', 'read_run', 'read_label_names', 'build_repo_folder', 'publish']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-RunInfo = rundir.RunInfo
 T = TypeVar('T')
 
-_CIFAR10_LABELS = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 _TRAIN_SPLITS = ('train', 'training')
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _CFG_KEYS_NOT_PUBLISHED = ('paper_name', 'description', 'notes', 'origin_url', 'test_input_size', 'test_crop_pct',
@@ -112,7 +111,7 @@ def _options(options: Optional[PublishOptions], kwargs: Dict[str, Any]) -> Publi
         raise TypeError(f'unknown publish option ({e}); see timm_tract.hub.PublishOptions') from None
 
 
-def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
+def read_run(run_dir: PathLike, checkpoint: str = 'best') -> rundir.RunInfo:
     """`timm_tract.rundir.read_run`, its errors as PublishError."""
     try:
         return rundir.read_run(run_dir, checkpoint)
@@ -147,15 +146,14 @@ def check_repo_id(repo_id: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _run_arch(run: RunInfo, meta: Dict[str, Any]) -> str:
+def _run_arch(run: rundir.RunInfo, meta: Dict[str, Any]) -> str:
     """The architecture the run trained: recorded by `timm-tract train` (`architecture`), else the checkpoint's or the
     args' model name without its tag."""
-    from timm.models import split_model_name_tag
     recorded = run.args.get('architecture')
     if isinstance(recorded, str) and recorded:
         return recorded
     name = str(meta.get('arch') or run.args['model'])
-    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+    if is_weights_source(name):
         raise PublishError(f'{run.run_dir} was trained from {name}, and its args.yaml does not record the '
                            f'architecture (runs of timm-tract train do): train from a registered architecture')
     return split_model_name_tag(name)[0]
@@ -242,63 +240,17 @@ def _label_names(args: Dict[str, Any], num_classes: int, given: Optional[Sequenc
             if isinstance(split, str) and (root / split).is_dir():
                 names = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
                 break
-    elif args.get('dataset') == 'torch/cifar10':
-        names = _CIFAR10_LABELS
-    elif args.get('dataset') == 'torch/fashion_mnist':
-        from torchvision.datasets import FashionMNIST
-        names = list(FashionMNIST.classes)
+    elif known_dataset(str(args.get('dataset') or '')) is not None:
+        classes = known_dataset(str(args['dataset'])).classes
+        names = list(classes) if classes else None
     if names is not None and len(names) != num_classes:
         _logger.warning(f'ignoring {len(names)} class names found for a {num_classes}-class model; use --label-names')
         return None
     return names
 
 
-def _base_model_id(args: Dict[str, Any]) -> Optional[str]:
-    """The Hub repo the run was fine-tuned from, when it started from Hub weights (the twin's cfg for a `*_tract`
-    tag, e.g. a published `<arch>_tract.<tag>`, else the base architecture's)."""
-    import timm.models
-    model = str(args['model'])
-    if model.startswith(('hf-hub:', 'hf_hub:')):
-        return model.split(':', 1)[1].split('@')[0]
-    if not args.get('pretrained') or args.get('pretrained_path') or args.get('initial_checkpoint'):
-        return None
-    cfg = None
-    for name in (model, f'{tract_base_arch(model)}.{timm.models.split_model_name_tag(model)[1]}'):
-        try:
-            cfg = timm.models.get_pretrained_cfg(name.rstrip('.'))
-        except (RuntimeError, ValueError):
-            cfg = None
-        if getattr(cfg, 'hf_hub_id', None):
-            break
-    hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
-    return hub_id.split('@')[0] if hub_id else None
-
-
-def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
-    import timm
-    try:
-        timm.create_model(base, features_only=True, device='meta', **kwargs)
-    except Exception:  # timm raises various errors for architectures without a feature extractor
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------- the folder
-@dataclasses.dataclass
-class _Weights:
-    """The published model and what describes it, computed once for the folder's files."""
-    model: torch.nn.Module
-    base: str
-    layer: str
-    tract: Dict[str, Any]
-    data_config: Dict[str, Any]
-    label_names: Optional[List[str]]
-    epoch: Optional[int]
-    metric: Optional[float]
-    ema: bool
-
-
-def _load_model(run: RunInfo, options: PublishOptions) -> _Weights:
+def _load_model(run: rundir.RunInfo, options: PublishOptions) -> CardModel:
     from timm.data import resolve_data_config
     from .layers import find_first_layer
     try:
@@ -310,7 +262,7 @@ def _load_model(run: RunInfo, options: PublishOptions) -> _Weights:
     tract = _tract_settings(run.args, arch)
     model = _build_base_model(base, sd, run.args)
     epoch, metric = meta.get('epoch'), meta.get('metric')
-    return _Weights(
+    return CardModel(
         model=model, base=base, layer=', '.join(find_first_layer(model)), tract=tract,
         data_config=resolve_data_config(run.args, model=model),
         label_names=_label_names(run.args, model.num_classes, options.label_names),
@@ -318,10 +270,10 @@ def _load_model(run: RunInfo, options: PublishOptions) -> _Weights:
         metric=float(metric) if isinstance(metric, (int, float)) and not isinstance(metric, bool) else None, ema=ema)
 
 
-def _write_weights_and_config(w: _Weights, repo_id: str, license: str, folder: Path) -> None:
+def _write_weights_and_config(w: CardModel, repo_id: str, license: str, folder: Path) -> None:
     """model.safetensors + config.json through timm's save_for_hf, under the base architecture."""
     from timm.models import save_for_hf
-    tag = repo_id.split('/')[-1].split('.', 1)[1] if '.' in repo_id.split('/')[-1] else 'tract'
+    tag = repo_tag(repo_id)
     for key in _CFG_KEYS_NOT_PUBLISHED:
         w.model.pretrained_cfg.pop(key, None)
     tract_arch = twin_name(w.base)
@@ -345,7 +297,7 @@ def _write_weights_and_config(w: _Weights, repo_id: str, license: str, folder: P
         raise PublishError(f'timm wrote unexpected files {produced}; expected config.json and model.safetensors')
 
 
-def _write_run_files(run: RunInfo, folder: Path) -> Optional[str]:
+def _write_run_files(run: rundir.RunInfo, folder: Path) -> Optional[str]:
     """train_hparams.yaml (paths as placeholders), results.csv and the compare plot; returns the plot's name."""
     import yaml
     (folder / 'train_hparams.yaml').write_text(yaml.safe_dump(public_args(run.args), default_flow_style=False))
@@ -358,39 +310,24 @@ def _write_run_files(run: RunInfo, folder: Path) -> Optional[str]:
     return 'accuracy.png'
 
 
-def _write_card(run: RunInfo, w: _Weights, repo_id: str, options: PublishOptions, plot_name: Optional[str],
+def _write_card(run: rundir.RunInfo, w: CardModel, repo_id: str, options: PublishOptions, plot_name: Optional[str],
                 folder: Path) -> None:
-    import json
-    ds_name, ds_id = dataset_names(run.args, options.dataset_name, options.dataset_id)
-    row = rundir.history_row(run.history, w.epoch)
-    top1 = row['eval_top1'] if row else w.metric
     model_args = json.loads((folder / 'config.json').read_text()).get('model_args', {})
-    info = CardInputs(
-        repo_id=repo_id, base_arch=w.base, tract_arch=twin_name(w.base), num_classes=w.model.num_classes,
-        img_size=tuple(w.data_config['input_size'][1:]), stats=model_stats(w.model, w.data_config['input_size']),
-        tract_lambda=w.tract['lambda'], tract_layer=w.layer, train_command=training_command(run.args),
-        license=options.license, label_names=w.label_names,
-        model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
-                    or (k == 'in_chans' and v != 3)},
-        dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args),
-        base_model=options.base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=w.epoch,
-        epochs=run.args.get('epochs'), ema=w.ema, top1=top1, top5=row['eval_top5'] if row else None,
-        results=results_rows(run.history), comparison=comparison_section(run.report), plot_file=plot_name,
-        features_only=_supports_features(w.base, _model_kwargs(run.args)), num_features=w.model.num_features,
-        in_chans=int(w.data_config['input_size'][0]),
-    )
-    (folder / 'README.md').write_text(render_model_card(info))
+    card = model_card(run, w, repo_id, license=options.license, dataset_name=options.dataset_name,
+                      dataset_id=options.dataset_id, base_model=options.base_model, plot_file=plot_name,
+                      model_args=model_args, model_kwargs=_model_kwargs(run.args))
+    (folder / 'README.md').write_text(card)
 
 
-def _manifest_entry(w: _Weights, repo_id: str, license: str) -> Dict[str, Any]:
-    tag = repo_id.split('/')[-1].split('.', 1)[1] if '.' in repo_id.split('/')[-1] else 'tract'
+def _manifest_entry(w: CardModel, repo_id: str, license: str) -> Dict[str, Any]:
+    tag = repo_tag(repo_id)
     dc = w.data_config
     return {'model': f'{twin_name(w.base)}.{tag}', 'hf_hub_id': repo_id, 'num_classes': w.model.num_classes,
             'input_size': list(dc['input_size']), 'mean': list(dc['mean']), 'std': list(dc['std']),
             'crop_pct': dc['crop_pct'], 'interpolation': dc['interpolation'], 'license': license}
 
 
-def _write_folder(run: RunInfo, repo_id: str, options: PublishOptions, folder: Path) -> Dict[str, Any]:
+def _write_folder(run: rundir.RunInfo, repo_id: str, options: PublishOptions, folder: Path) -> Dict[str, Any]:
     """Write every repository file into the (empty) `folder`; returns the manifest entry for these weights."""
     weights = _load_model(run, options)
     _write_weights_and_config(weights, repo_id, options.license, folder)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import TrActArgumentError
+from .naming import is_twin_name, split_model_name_tag
 
 __all__ = ['MANIFEST_PATH', 'load_manifest', 'published_cfgs']
 
@@ -35,8 +36,7 @@ def _check_entry(entry: Any, i: int, path: Path) -> None:
     missing = [k for k in _REQUIRED if k not in entry]
     if missing:
         raise TrActArgumentError(f'{path}: entry {i} lacks {missing}; copy the entry `timm-tract publish` printed')
-    arch, _, tag = str(entry['model']).partition('.')
-    if not arch.endswith('_tract') or not tag:
+    if not is_twin_name(str(entry['model'])) or not split_model_name_tag(str(entry['model']))[1]:
         raise TrActArgumentError(f"{path}: entry {i} model {entry['model']!r} must be '<arch>_tract.<tag>'")
     if not isinstance(entry['hf_hub_id'], str) or entry['hf_hub_id'].count('/') != 1:
         raise TrActArgumentError(f"{path}: entry {i} hf_hub_id {entry['hf_hub_id']!r} must be 'org/name'")

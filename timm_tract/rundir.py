@@ -10,7 +10,11 @@ and so does every tool that reads a train.py run:
     model_best.pth.tar     the best checkpoint by the eval metric
     checkpoint-<epoch>.pth.tar  the retained history
 
-`timm-tract compare` keeps its runs in `<compare dir>/runs/<method>-e<budget>-s<seed>/` next to its `report.json`.
+The directory of `timm-tract compare` (its layout is defined here too):
+
+    report.json            the report (every run's history and times, tables, statistics, machine)
+    report.md, compare.png the report for people and its plot
+    runs/<method>-e<budget>-s<seed>/   one run directory of the layout above per run, with runs/<run>.log beside it
 """
 import csv
 import dataclasses
@@ -25,6 +29,7 @@ __all__ = [
     'ARGS_FILE', 'SUMMARY_FILE', 'LAST_CHECKPOINT', 'BEST_CHECKPOINT', 'TEMP_CHECKPOINT', 'SUMMARY_FIELDS',
     'read_args', 'write_args', 'read_history', 'history_row', 'resumable_checkpoint', 'remove_checkpoints',
     'RunInfo', 'read_run', 'find_compare_report', 'find_plot', 'is_png', 'load_weights',
+    'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'compare_run_name',
 ]
 
 PathLike = Union[str, Path]
@@ -37,6 +42,16 @@ TEMP_CHECKPOINT = 'tmp.pth.tar'  # CheckpointSaver writes here, then renames ove
 SUMMARY_FIELDS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
 _CHECKPOINT_GLOBS = (LAST_CHECKPOINT, BEST_CHECKPOINT, 'checkpoint-*.pth.tar')
 _EPOCH_CHECKPOINT = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
+
+COMPARE_REPORT = 'report.json'
+COMPARE_REPORT_MD = 'report.md'
+COMPARE_PLOT = 'compare.png'
+COMPARE_RUNS = 'runs'  # <compare dir>/runs/<run name>/ and <compare dir>/runs/<run name>.log
+
+
+def compare_run_name(method: str, budget: int, seed: int) -> str:
+    """The name of one run of a comparison inside `<compare dir>/runs/`: '<method>-e<budget>-s<seed>'."""
+    return f'{method}-e{budget}-s{seed}'
 
 
 def read_args(run_dir: PathLike) -> Tuple[Dict[str, Any], str]:
@@ -119,7 +134,6 @@ def remove_checkpoints(run_dir: PathLike) -> None:
 # --- reading a finished run (publishing, model cards) --------------------------------------------------------------
 
 _CHECKPOINT_CHOICES = {'best': BEST_CHECKPOINT, 'last': LAST_CHECKPOINT}
-_REPORT_FILE = 'report.json'  # written by `timm-tract compare` into its directory; runs live in <compare dir>/runs/
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -175,7 +189,7 @@ def _lists_run(report: Dict[str, Any], run_dir: Path) -> bool:
     """Whether a compare report names `run_dir` (`runs/<name>`) among its runs or as its publish_dir."""
     named = [r.get('output_dir') for r in report.get('runs') or [] if isinstance(r, dict)]
     named.append(report.get('publish_dir'))
-    return any(isinstance(p, str) and Path(p).parts[-2:] == ('runs', run_dir.name) for p in named)
+    return any(isinstance(p, str) and Path(p).parts[-2:] == (COMPARE_RUNS, run_dir.name) for p in named)
 
 
 def find_compare_report(run_dir: PathLike) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
@@ -184,9 +198,9 @@ def find_compare_report(run_dir: PathLike) -> Tuple[Optional[Dict[str, Any]], Op
     Looks in the run directory itself and in `<compare dir>` when the run is `<compare dir>/runs/<name>`; a report
     there that does not list this run is ignored (it belongs to other runs)."""
     run_dir = Path(run_dir)
-    places = [run_dir] + ([run_dir.parent.parent] if run_dir.parent.name == 'runs' else [])
+    places = [run_dir] + ([run_dir.parent.parent] if run_dir.parent.name == COMPARE_RUNS else [])
     for place in places:
-        path = place / _REPORT_FILE
+        path = place / COMPARE_REPORT
         if not path.is_file():
             continue
         try:

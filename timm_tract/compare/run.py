@@ -1,0 +1,224 @@
+""" `timm-tract compare`: the command. Builds the runs of every (budget, seed, method), trains them through
+`compare.runner`, and writes the report of `compare.report` with the statistics of `compare.stats`.
+"""
+import argparse
+import datetime
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..errors import CompareError, OutputExistsError
+from ..flags import HelpFormatter, build_train_parser, train_flags
+from ..naming import TRACT_OPT_PREFIX, is_tract_optimizer, tract_base_arch, twin_model_name
+from .. import rundir
+from .report import build_report, format_duration, load_average, write_report
+from .runner import execute, resolve_jobs, run_one
+from .stats import METHODS
+
+__all__ = ['build_compare_parser', 'compare', 'COMPARE_DESCRIPTION']
+
+_logger = logging.getLogger('timm_tract.compare')
+
+
+# Defaults of the no-argument run (embedded data); what it measures: docs/compare.md.
+DEFAULT_MODEL = 'resnet18'
+DEFAULT_MODEL_KWARGS = {'channels': (16, 32, 64, 128)}  # a narrow ResNet-18 (only for DEFAULT_MODEL); stem stays 64
+DEFAULT_BUDGETS = (12, 16)
+DEFAULT_SEEDS = (0, 1, 2)
+_COMPARE_DEFAULTS = dict(
+    model=DEFAULT_MODEL, model_kwargs=None, opt='sgd', lr=0.1, batch_size=32, weight_decay=5e-4,
+    sched='cosine', sched_on_updates=True, warmup_epochs=0, smoothing=0., no_aug=True, workers=0, checkpoint_hist=1,
+    log_interval=10 ** 6, tract_lambda=0.1,
+)
+# only when the embedded data is used (a user's own data keeps the model's crop and normalisation)
+_EMBEDDED_DATA_DEFAULTS = dict(img_size=32, crop_pct=1.0)
+
+
+class _Refuse(argparse.Action):
+    def __init__(self, option_strings, dest, hint: str = '', **kwargs):
+        self.hint = hint
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string} is not a compare option: {self.hint}')
+
+
+def build_compare_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """`timm-tract train`'s parser (every train.py flag applies to both methods) plus the comparison's flags."""
+    p = argparse.ArgumentParser(
+        prog='timm-tract compare', parents=[build_train_parser()], conflict_handler='resolve', add_help=add_help,
+        formatter_class=HelpFormatter, description=COMPARE_DESCRIPTION)
+    g = p.add_argument_group('Comparison')
+    g.add_argument('--budgets', type=int, nargs='+', default=list(DEFAULT_BUDGETS), metavar='EPOCHS',
+                   help='epoch budgets; every budget is a separate run with its own full schedule')
+    g.add_argument('--seeds', type=int, nargs='+', default=list(DEFAULT_SEEDS), metavar='S',
+                   help='seeds (model init and data order); each seed trains both methods')
+    g.add_argument('--tract-via', choices=('model', 'opt'), default='model',
+                   help="TrAct twin: 'model' = the <model>_tract architecture, 'opt' = the tract-<opt> optimizer")
+    g.add_argument('--tract-lambda', type=float, default=0.1, metavar='LAMBDA', help='TrAct λ of the TrAct runs')
+    g.add_argument('--jobs', type=int, default=None, metavar='N',
+                   help='runs trained at a time, each in its own worker process (default: CPU, the number of cores, '
+                        'one torch thread per run; CUDA, 1, runs share --device). Results do not depend on it.')
+    g.add_argument('--keep-checkpoints', action='store_true', default=False,
+                   help='keep every run\'s checkpoints (default: only the TrAct run of the largest budget, first seed)')
+    g.add_argument('--epochs', action=_Refuse, hint='give the epoch budgets with --budgets', nargs='+',
+                   metavar='N', help='not a compare option: compare trains every --budgets value')
+    g.add_argument('--seed', action=_Refuse, hint='give the seeds with --seeds', nargs='+', metavar='S',
+                   help='not a compare option: compare trains every --seeds value')
+    g.add_argument('--output', default='', metavar='PATH', help='output root (default: ./output/compare)')
+    g.add_argument('--experiment', default='', metavar='NAME', help='subfolder of --output (default: date-model)')
+    p.set_defaults(**_COMPARE_DEFAULTS, data_dir=None)
+    return p
+COMPARE_DESCRIPTION = (
+    'Train a recipe with and without TrAct (<model>_tract or tract-<opt>) for several epoch budgets and seeds, '
+    '--jobs runs at a time; every `timm-tract train` flag applies to both. Report: top-1 per method and budget, '
+    'paired differences with 95% intervals and verdicts, speed-up in epochs and time with a bootstrap interval, '
+    'time per epoch, a plot, JSON + Markdown. No arguments: a narrow ResNet-18 on the embedded data set, budgets '
+    f'{" and ".join(map(str, DEFAULT_BUDGETS))} epochs x seeds {", ".join(map(str, DEFAULT_SEEDS))} '
+    f'({2 * len(DEFAULT_BUDGETS) * len(DEFAULT_SEEDS)} runs).')
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.budgets or any(b < 1 for b in args.budgets):
+        raise CompareError(f'--budgets must be positive epoch counts, got {args.budgets}.')
+    if len(set(args.seeds)) != len(args.seeds) or len(set(args.budgets)) != len(args.budgets):
+        raise CompareError('--budgets and --seeds must not repeat values.')
+    if args.jobs is not None and args.jobs < 1:
+        raise CompareError(f'--jobs must be >= 1, got {args.jobs}.')
+    if tract_base_arch(args.model) is not None or is_tract_optimizer(args.opt):
+        raise CompareError(f'give the baseline (--model {args.model} --opt {args.opt}); compare trains its TrAct twin '
+                           f'itself (--tract-via model: <model>_tract, --tract-via opt: tract-<opt>).')
+
+
+def _twin(args: argparse.Namespace) -> Dict[str, dict]:
+    """Per method, the train flags that differ: model/opt and λ (only the TrAct run may carry --tract-lambda)."""
+    import timm
+    from .. import models  # noqa: F401  (registers the *_tract twins)
+
+    base = {'model': args.model, 'opt': args.opt, 'tract_lambda': None}
+    if args.tract_via == 'model':
+        twin = twin_model_name(args.model)
+        if not timm.is_model(twin):
+            raise CompareError(f'{args.model!r} has no registered TrAct twin {twin} (timm_tract covers the '
+                               f'ResNet, ConvNeXt, ViT and DeiT families); use --tract-via opt '
+                               f'({TRACT_OPT_PREFIX}{args.opt}).')
+        tract = {'model': twin, 'opt': args.opt, 'tract_lambda': args.tract_lambda}
+    else:
+        tract = {'model': args.model, 'opt': TRACT_OPT_PREFIX + args.opt, 'tract_lambda': args.tract_lambda}
+    return {'baseline': base, 'tract': tract}
+
+
+def _resolve_data(args: argparse.Namespace) -> str:
+    """Fill in the embedded data set when no data is given, and --num-classes from an ImageFolder's class folders;
+    returns a label for the report."""
+    from ..data import describe_data
+
+    if args.data_dir or args.dataset:
+        train_dir = Path(args.data_dir or '') / args.train_split
+        if args.num_classes is None and not args.dataset and train_dir.is_dir():
+            args.num_classes = sum(1 for p in train_dir.iterdir() if p.is_dir())
+        known = describe_data(args.data_dir)
+        if known is not None:
+            return known['name'] + (f" (subset: train = {known['subset']['train']}, validation = "
+                                    f"{known['subset']['validation']})" if known.get('subset') else '')
+        return args.dataset or args.data_dir
+    from ..data import ensure_data, read_manifest
+
+    root = ensure_data()
+    manifest = read_manifest(root)
+    args.data_dir = str(root)
+    if args.num_classes is None:
+        args.num_classes = manifest['num_classes']
+    for key, value in _EMBEDDED_DATA_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    counts = manifest['counts']
+    return (f"embedded {manifest['name']} ({sum(counts['train'].values())} train / "
+            f"{sum(counts['validation'].values())} validation, {manifest['num_classes']} classes, 32x32)")
+
+
+def _run_args(args: argparse.Namespace, train_keys: Sequence[str], flags: dict, budget: int, seed: int,
+              runs_dir: Path, name: str) -> argparse.Namespace:
+    ns = argparse.Namespace(**{k: getattr(args, k) for k in train_keys if hasattr(args, k)})
+    for key, value in flags.items():
+        setattr(ns, key, value)
+    ns.epochs, ns.seed, ns.output, ns.experiment = budget, seed, str(runs_dir), name
+    return ns
+
+
+def _print(msg: str) -> None:
+    """Progress for people (the plan, one line per finished run, the summary): logged, shown on stderr by the CLI."""
+    _logger.info(msg)
+
+
+def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
+    """Run the comparison configured by `build_compare_parser()` arguments; write and return the report."""
+    args = argparse.Namespace(**vars(args))
+    if args.model_kwargs is None:  # --model-kwargs not given: the narrow widths fit DEFAULT_MODEL only
+        args.model_kwargs = dict(DEFAULT_MODEL_KWARGS) if args.model == DEFAULT_MODEL else {}
+    _check_args(args)
+    flags = _twin(args)
+    data_label = _resolve_data(args)
+    train_keys = list(train_flags())
+
+    name = args.experiment or f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
+    out_dir = Path(args.output or os.path.join('.', 'output', 'compare')) / name
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise OutputExistsError(f'compare output {out_dir} exists and is not empty; pick another --experiment or '
+                                f'--output (nothing was overwritten).')
+    runs_dir = out_dir / rundir.COMPARE_RUNS
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    budgets, seeds = sorted(args.budgets), list(args.seeds)
+    keep = ('tract', budgets[-1], seeds[0])
+    specs = [(b, s, m) for b in budgets for s in seeds for m in METHODS]
+    tasks = []
+    for index, (budget, seed, method) in enumerate(specs):
+        run_name = rundir.compare_run_name(method, budget, seed)
+        ns = _run_args(args, train_keys, flags[method], budget, seed, runs_dir, run_name)
+        tasks.append({'index': index, 'name': run_name, 'cost': budget * (1.2 if method == 'tract' else 1.),
+                      'kwargs': dict(
+            ns=ns, method=method, keep=args.keep_checkpoints or (method, budget, seed) == keep,
+            log_path=str(runs_dir / f'{run_name}.log'))})
+    jobs, threads = resolve_jobs(args.jobs, args.device, len(tasks))
+    labels = {m: flags[m]['model'] if args.tract_via == 'model' else f"{args.model} + {flags[m]['opt']}"
+              for m in METHODS}
+    _print(f"timm-tract compare: {labels['baseline']} vs {labels['tract']} on {data_label}\n"
+           f"  {len(tasks)} runs = 2 methods x budgets {budgets} epochs x seeds {seeds}; {jobs} at a time"
+           + (f", {threads} torch thread each" if threads else f" on {args.device}") + '\n'
+           f"  output: {out_dir} (one log per run: runs/<run>.log)")
+
+    results: Dict[int, dict] = {}
+    start = time.time()
+    load_start = load_average()
+
+    name_width = max(len(t['name']) for t in tasks)
+
+    def done(task: dict, run: dict) -> None:
+        results[task['index']] = run
+        _print(f"[{len(results):>{len(str(len(tasks)))}}/{len(tasks)}] {task['name']:<{name_width}}"
+               f"  top-1 {run['top1']:6.2f}%  {run['wall_s']:7.1f} s (CPU {run['cpu_s']:.1f} s)"
+               f"  elapsed {format_duration(time.time() - start)}")
+
+    execute(tasks, jobs, threads, done)
+    runs = [results[i] for i in range(len(tasks))]
+    publish_dir = next(r['output_dir'] for r in runs if (r['method'], r['epochs'], r['seed']) == keep)
+
+    recipe = (f"{f'model kwargs {args.model_kwargs}, ' if args.model_kwargs else ''}"
+              f"{args.opt} lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, {args.sched} "
+              f"schedule{' per update' if args.sched_on_updates else ''}, warmup {args.warmup_epochs} epochs, "
+              f"label smoothing {args.smoothing}, {'no augmentation' if args.no_aug else 'timm augmentation'}, "
+              f"TrAct λ {args.tract_lambda} via {args.tract_via}")
+    report = build_report(
+        runs, baseline_label=labels['baseline'], tract_label=labels['tract'], data=data_label, recipe=recipe,
+        seeds=seeds, wall_clock_s=time.time() - start, publish_dir=publish_dir, jobs=jobs, threads_per_run=threads,
+        load_avg={'start': load_start, 'end': load_average()},
+        created=datetime.datetime.now().isoformat(timespec='seconds'), num_classes=args.num_classes,
+        command=' '.join(['timm-tract compare', *argv] if argv is not None else ['timm-tract', *sys.argv[1:]]))
+    report['paths'] = write_report(report, str(out_dir))
+    _print(f"done: {len(runs)} runs in {format_duration(report['wall_clock_s'])} wall-clock, CPU time "
+           f"{format_duration(report['cpu_s'])}, {jobs} at a time. {report['speedup']['text']}\n"
+           f"report: {report['paths']['markdown']}")
+    return report
