@@ -60,7 +60,7 @@ def _summary(run_dir: Path):
 
 def test_two_processes_with_sync_gram_match_one_process(tmp_path, image_folder):
     data = _data(image_folder, tmp_path / 'data', n_train=8)  # 16 images: 2 steps of global batch 8
-    ref = Path(_single(data, tmp_path / 'out', 'single', sync=True)['output_dir'])
+    ref = Path(_single(data, tmp_path / 'out', 'single', sync=True).output_dir)
     ddp = _torchrun(data, tmp_path / 'out', 'ddp', sync=True)
     ref_sd, ddp_sd = _weights(ref), _weights(ddp)
     assert ref_sd.keys() == ddp_sd.keys()
@@ -73,7 +73,7 @@ def test_two_processes_with_sync_gram_match_one_process(tmp_path, image_folder):
 
 def test_two_processes_without_sync_gram_differ_in_first_layer_only(tmp_path, image_folder):
     data = _data(image_folder, tmp_path / 'data', n_train=4)  # 8 images: one step of global batch 8
-    ref = Path(_single(data, tmp_path / 'out', 'single', sync=False)['output_dir'])
+    ref = Path(_single(data, tmp_path / 'out', 'single', sync=False).output_dir)
     ddp = _torchrun(data, tmp_path / 'out', 'ddp', sync=False)
     ref_sd, ddp_sd = _weights(ref), _weights(ddp)
     for k in ref_sd:
