@@ -39,10 +39,14 @@ import torch.nn.functional as F
 from .errors import NotPositiveDefiniteError, TrActArgumentError, TrActTypeError
 
 __all__ = ['tract_conv2d', 'tract_linear', 'tract_weight', 'patch_gram', 'ConvGeometry', 'conv_geometry',
-           'tract_precondition', 'check_lambda', 'gram_chunk_bytes', 'set_gram_chunk_bytes', 'GRAM_CHUNK_ENV',
-           'DEFAULT_LAMBDA']
+           'tract_precondition', 'check_lambda', 'check_lambda_mode', 'gram_chunk_bytes', 'set_gram_chunk_bytes',
+           'GRAM_CHUNK_ENV', 'DEFAULT_LAMBDA', 'DEFAULT_LAMBDA_MODE', 'LAMBDA_MODES']
 
 DEFAULT_LAMBDA = 0.1
+# 'absolute': the paper's system XᵀX/N + λI. 'relative': XᵀX/N + λ·s·I with s = tr(XᵀX/N)/n, the mean second moment of
+# the patch entries (per group), so λ is independent of the input's units.
+LAMBDA_MODES = ('absolute', 'relative')
+DEFAULT_LAMBDA_MODE = 'absolute'
 
 GRAM_CHUNK_ENV = 'TIMM_TRACT_GRAM_CHUNK_MB'
 # CPU: 8 MiB of patches per chunk (about one 224 px ResNet-stem image unfolded, 147 × 112² in fp32), cache-sized.
@@ -80,6 +84,24 @@ def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
             f'tract_lambda must be finite and > 0, got {tract_lambda!r}. '
             f'Use the paper default 0.1 (0.05 for short runs, 0.2 for long runs).')
     return value
+
+
+def check_lambda_mode(tract_lambda_mode: str) -> str:
+    """Return `tract_lambda_mode` ('absolute' or 'relative'); `TrActTypeError` for a non-str, `TrActArgumentError`
+    for another string.
+
+    'absolute' (default, the paper): the system is XᵀX/N + λI. 'relative': XᵀX/N + λ·s·I with s = tr(XᵀX/N)/n, the
+    mean second moment of the patch entries (per group), so scaling the input by c > 0 leaves the update X·ΔW
+    unchanged; for standardized inputs s ≈ 1 and the same λ values apply.
+    """
+    if not isinstance(tract_lambda_mode, str):
+        raise TrActTypeError(
+            f'tract_lambda_mode must be one of {", ".join(map(repr, LAMBDA_MODES))}, got '
+            f'{type(tract_lambda_mode).__name__} {tract_lambda_mode!r}.')
+    if tract_lambda_mode not in LAMBDA_MODES:
+        raise TrActArgumentError(
+            f'tract_lambda_mode must be one of {", ".join(map(repr, LAMBDA_MODES))}, got {tract_lambda_mode!r}.')
+    return tract_lambda_mode
 
 
 def set_gram_chunk_bytes(nbytes: Optional[int]) -> None:
@@ -408,6 +430,22 @@ def _check_pd(info: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor
         raise _pd_error(system, x, tract_lambda)
 
 
+def _relative_scale(stats: torch.Tensor, num_rows: Union[int, torch.Tensor], rows_form: bool) -> torch.Tensor:
+    """s = tr(XᵀX/N)/n per group, (g, 1, 1), from the Gram (or, with `rows_form`, from the rows X (g, N, n)).
+
+    s = 0 (an all-zero input, or entries whose squares underflow) gives 1: that step uses the absolute λ (X = 0 makes
+    the ordinary gradient GᵀX and so the TrAct gradient exactly 0). A NaN/Inf s is kept: the system is then not finite
+    and the positive-definiteness check reports it, never a silent NaN."""
+    n = stats.shape[-1]
+    if rows_form:
+        total = stats.square().sum(dim=(1, 2), keepdim=True)
+    else:
+        total = stats.diagonal(dim1=1, dim2=2).sum(dim=1).view(-1, 1, 1)
+    rows = num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1)
+    s = total / (rows * n)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
 def _precondition(
         grad_w: torch.Tensor,
         stats: torch.Tensor,
@@ -415,22 +453,24 @@ def _precondition(
         tract_lambda: float,
         rows_form: bool,
         x: Optional[torch.Tensor],
+        lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
     """`tract_precondition` without validating λ; `x` (the layer input, or None) only names the cause of a failure."""
     g, n = stats.shape[0], stats.shape[-1]
     p = grad_w.reshape(g, -1, n).to(stats.dtype)  # (g, m_g, n)
+    lam = tract_lambda if lambda_mode == 'absolute' else tract_lambda * _relative_scale(stats, num_rows, rows_form)
     if rows_form:
         # P (XᵀX/N + λI)⁻¹ = (P - (P Xᵀ) (NλI + XXᵀ)⁻¹ X) / λ
         rows = stats
         k = torch.matmul(rows, rows.transpose(1, 2))
-        k.diagonal(dim1=1, dim2=2).add_(num_rows * tract_lambda)
+        k.diagonal(dim1=1, dim2=2).add_(num_rows * lam if isinstance(lam, float) else (num_rows * lam).view(g, 1))
         chol, info = torch.linalg.cholesky_ex(k)
         _check_pd(info, k, x, tract_lambda)
         y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol)  # (g, N, m_g)
-        out = (p - torch.matmul(y.transpose(1, 2), rows)) / tract_lambda
+        out = (p - torch.matmul(y.transpose(1, 2), rows)) / lam
     else:
         a = stats / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
-        a.diagonal(dim1=1, dim2=2).add_(tract_lambda)
+        a.diagonal(dim1=1, dim2=2).add_(lam if isinstance(lam, float) else lam.view(g, 1))
         chol, info = torch.linalg.cholesky_ex(a)
         _check_pd(info, a, x, tract_lambda)
         out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
@@ -443,20 +483,24 @@ def tract_precondition(
         num_rows: Union[int, torch.Tensor],
         tract_lambda: float,
         rows_form: bool = False,
+        tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
-    """Apply (XᵀX/N + λI)⁻¹ from the right to an ordinary weight gradient.
+    """Apply (XᵀX/N + λI)⁻¹ (relative mode: (XᵀX/N + λ·s·I)⁻¹, s = tr(XᵀX/N)/n) from the right to an ordinary weight
+    gradient.
 
     Args:
         grad_w: ordinary gradient GᵀX, (m, n) viewed per group as (groups, m/groups, n); any float dtype.
         stats: XᵀX (groups, n, n) summed over rows, or with `rows_form` the rows X (groups, N, n) (Woodbury, N < n).
         num_rows: N, the number of patch rows (an int, or a 0-d tensor on the device of `stats`).
         tract_lambda: λ > 0.
+        tract_lambda_mode: 'absolute' or 'relative' (see `check_lambda_mode`).
     Returns:
         The TrAct gradient, shape and dtype of `grad_w`.
     Raises:
         NotPositiveDefiniteError (CPU) when the system cannot be factorized (see `_check_pd` for accelerators).
     """
-    return _precondition(grad_w, stats, num_rows, check_lambda(tract_lambda), rows_form, None)
+    return _precondition(grad_w, stats, num_rows, check_lambda(tract_lambda), rows_form, None,
+                         check_lambda_mode(tract_lambda_mode))
 
 
 def _sync_gram(gram: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, Union[int, torch.Tensor]]:
@@ -485,15 +529,15 @@ class _TrActWeightGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, x, geom, tract_lambda, sync_gram):
+    def forward(ctx, weight, x, geom, tract_lambda, sync_gram, lambda_mode):
         ctx.save_for_backward(x)
-        ctx.geom, ctx.tract_lambda, ctx.sync_gram = geom, tract_lambda, sync_gram
+        ctx.geom, ctx.tract_lambda, ctx.sync_gram, ctx.lambda_mode = geom, tract_lambda, sync_gram, lambda_mode
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_w):
         if grad_w is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, = ctx.saved_tensors
         n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
         num_rows = x[..., 0].numel() if ctx.geom is None else x.shape[0] * math.prod(_conv_out_size(x, ctx.geom))
@@ -505,8 +549,8 @@ class _TrActWeightGrad(torch.autograd.Function):
                 stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
             if ctx.sync_gram:
                 stats, num_rows = _sync_gram(stats, num_rows)
-            grad = _precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form, x)
-        return grad, None, None, None, None
+            grad = _precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form, x, ctx.lambda_mode)
+        return grad, None, None, None, None, None
 
 
 def tract_weight(
@@ -515,6 +559,7 @@ def tract_weight(
         geom: Optional[ConvGeometry],
         tract_lambda: float,
         sync_gram: bool = False,
+        tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
     """`weight` as it enters the layer's native op: the same values, with the TrAct weight gradient in backward.
 
@@ -523,12 +568,14 @@ def tract_weight(
         x: the layer input, (B, C_in, H, W) for a conv (before any padding), (..., n) for a Linear.
         geom: `conv_geometry(...)` of the conv, or None for a Linear.
         tract_lambda: λ > 0 (not validated here; see `check_lambda`).
-        sync_gram: all-reduce XᵀX and N over the default process group in backward.
+        sync_gram: all-reduce XᵀX and N over the default process group in backward (relative mode: s is then the
+            global Gram's trace).
+        tract_lambda_mode: 'absolute' or 'relative' (not validated here; see `check_lambda_mode`).
     Returns the weight unchanged (no autograd op) when no gradient is needed.
     """
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight
-    return _TrActWeightGrad.apply(weight, x.detach(), geom, tract_lambda, sync_gram)
+    return _TrActWeightGrad.apply(weight, x.detach(), geom, tract_lambda, sync_gram, tract_lambda_mode)
 
 
 def conv_geometry(
@@ -565,6 +612,7 @@ def tract_conv2d(
         tract_lambda: float = DEFAULT_LAMBDA,
         padding_mode: str = 'zeros',
         sync_gram: bool = False,
+        tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
     """`F.conv2d` (same arguments and output) whose weight gradient is the TrAct gradient.
 
@@ -573,15 +621,17 @@ def tract_conv2d(
         weight: (C_out, C_in/groups, kh, kw).
         padding_mode: 'zeros', 'reflect', 'replicate' or 'circular' as in nn.Conv2d (non-zero modes pad explicitly).
         sync_gram: all-reduce XᵀX and N over the default process group (global-batch TrAct under DDP).
+        tract_lambda_mode: 'absolute' (XᵀX/N + λI, the paper) or 'relative' (λ times s = tr(XᵀX/N)/n).
     Returns:
         (B, C_out, H_out, W_out), bit-identical to the plain convolution.
     """
     tract_lambda = check_lambda(tract_lambda)
+    tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
     if x.dim() == 3:
         return tract_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, tract_lambda,
-                            padding_mode, sync_gram).squeeze(0)
+                            padding_mode, sync_gram, tract_lambda_mode).squeeze(0)
     geom = conv_geometry(weight.shape, stride, padding, dilation, groups, padding_mode)
-    w = tract_weight(weight, x, geom, tract_lambda, sync_gram)
+    w = tract_weight(weight, x, geom, tract_lambda, sync_gram, tract_lambda_mode)
     if padding_mode != 'zeros':
         return F.conv2d(F.pad(x, geom.pad, mode=padding_mode), w, bias, stride, 0, dilation, groups)
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)
@@ -593,7 +643,10 @@ def tract_linear(
         bias: Optional[torch.Tensor] = None,
         tract_lambda: float = DEFAULT_LAMBDA,
         sync_gram: bool = False,
+        tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
-    """`F.linear` (x (..., n) → (..., m)) whose weight gradient is the TrAct gradient (rows = all leading positions)."""
+    """`F.linear` (x (..., n) → (..., m)) whose weight gradient is the TrAct gradient (rows = all leading positions);
+    `tract_lambda_mode` as in `tract_conv2d`."""
     tract_lambda = check_lambda(tract_lambda)
-    return F.linear(x, tract_weight(weight, x, None, tract_lambda, sync_gram), bias)
+    tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
+    return F.linear(x, tract_weight(weight, x, None, tract_lambda, sync_gram, tract_lambda_mode), bias)

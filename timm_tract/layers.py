@@ -8,8 +8,9 @@ Each layer is its torch base class with one change: the weight gradient is Gᵀ 
 weights are plain timm weights. TorchScript: a scripted TrAct layer computes the plain forward and trains with
 the ordinary gradient (the TrAct backward is a Python autograd Function that TorchScript cannot save).
 
-`tract_lambda` is validated on every assignment (`layer.tract_lambda = -1` raises), and `apply_tract` checks every
-layer it is asked to convert before it converts any: a call that raises leaves the model as it was.
+`tract_lambda` and `tract_lambda_mode` are validated on every assignment (`layer.tract_lambda = -1` raises), and
+`apply_tract` checks every layer it is asked to convert before it converts any: a call that raises leaves the model
+as it was.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,8 @@ import torch.nn as nn
 from timm.layers import register_notrace_module
 
 from .errors import TrActArgumentError, TrActTypeError
-from .functional import DEFAULT_LAMBDA, check_lambda, conv_geometry, tract_weight
+from .functional import DEFAULT_LAMBDA, DEFAULT_LAMBDA_MODE, check_lambda, check_lambda_mode, conv_geometry, \
+    tract_weight
 
 __all__ = ['TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer']
 
@@ -36,12 +38,33 @@ def _set_lambda(self, value: float) -> None:
     self._tract_lambda = check_lambda(value)
 
 
+def _get_lambda_mode(self) -> str:
+    return self.__dict__.get('_tract_lambda_mode', DEFAULT_LAMBDA_MODE)  # layers pickled before the mode: absolute
+
+
+def _set_lambda_mode(self, value: str) -> None:
+    self._tract_lambda_mode = check_lambda_mode(value)
+
+
+def _tract_repr(self) -> str:
+    return (f', tract_lambda={self.tract_lambda}'
+            + (f", tract_lambda_mode='{self.tract_lambda_mode}'" if self.tract_lambda_mode != DEFAULT_LAMBDA_MODE
+               else '')
+            + (', sync_gram=True' if self.sync_gram else ''))
+
+
+_LAMBDA_DOC = 'λ > 0 of the TrAct gradient (validated on assignment).'
+_LAMBDA_MODE_DOC = ("'absolute' (XᵀX/N + λI, the paper) or 'relative' (λ·s, s = tr(XᵀX/N)/n); validated on "
+                    "assignment.")
+
+
 @register_notrace_module
 class TrActConv2d(nn.Conv2d):
     """nn.Conv2d whose weight gradient is the TrAct gradient (every nn.Conv2d option; N = B·H_out·W_out rows)."""
 
-    tract_lambda = property(_get_lambda, _set_lambda, doc='λ > 0 of the TrAct gradient (validated on assignment).')
-    __jit_unused_properties__ = ['tract_lambda']  # TorchScript: the scripted layer does not use λ
+    tract_lambda = property(_get_lambda, _set_lambda, doc=_LAMBDA_DOC)
+    tract_lambda_mode = property(_get_lambda_mode, _set_lambda_mode, doc=_LAMBDA_MODE_DOC)
+    __jit_unused_properties__ = ['tract_lambda', 'tract_lambda_mode']  # TorchScript: the scripted layer uses neither
 
     def __init__(
             self,
@@ -59,12 +82,15 @@ class TrActConv2d(nn.Conv2d):
             *,
             tract_lambda: float = DEFAULT_LAMBDA,
             sync_gram: bool = False,
+            tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
     ):
         tract_lambda = check_lambda(tract_lambda)
+        tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
             groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
         self.tract_lambda = tract_lambda
+        self.tract_lambda_mode = tract_lambda_mode
         self.sync_gram = bool(sync_gram)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,18 +103,19 @@ class TrActConv2d(nn.Conv2d):
         geom = conv_geometry(
             self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
         x4 = x.unsqueeze(0) if x.dim() == 3 else x
-        return tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram)
+        return tract_weight(self.weight, x4, geom, self.tract_lambda, self.sync_gram, self.tract_lambda_mode)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
+        return super().extra_repr() + _tract_repr(self)
 
 
 @register_notrace_module
 class TrActLinear(nn.Linear):
     """nn.Linear whose weight gradient is the TrAct gradient; input (..., in_features), N = all leading positions."""
 
-    tract_lambda = property(_get_lambda, _set_lambda, doc='λ > 0 of the TrAct gradient (validated on assignment).')
-    __jit_unused_properties__ = ['tract_lambda']  # TorchScript: the scripted layer does not use λ
+    tract_lambda = property(_get_lambda, _set_lambda, doc=_LAMBDA_DOC)
+    tract_lambda_mode = property(_get_lambda_mode, _set_lambda_mode, doc=_LAMBDA_MODE_DOC)
+    __jit_unused_properties__ = ['tract_lambda', 'tract_lambda_mode']  # TorchScript: the scripted layer uses neither
 
     def __init__(
             self,
@@ -100,10 +127,13 @@ class TrActLinear(nn.Linear):
             *,
             tract_lambda: float = DEFAULT_LAMBDA,
             sync_gram: bool = False,
+            tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
     ):
         tract_lambda = check_lambda(tract_lambda)
+        tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.tract_lambda = tract_lambda
+        self.tract_lambda_mode = tract_lambda_mode
         self.sync_gram = bool(sync_gram)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +143,10 @@ class TrActLinear(nn.Linear):
 
     @torch.jit.unused
     def _tract_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return tract_weight(self.weight, x, None, self.tract_lambda, self.sync_gram)
+        return tract_weight(self.weight, x, None, self.tract_lambda, self.sync_gram, self.tract_lambda_mode)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f', tract_lambda={self.tract_lambda}' + (', sync_gram=True' if self.sync_gram else '')
+        return super().extra_repr() + _tract_repr(self)
 
 
 _TRACT_CLASS = {nn.Conv2d: TrActConv2d, nn.Linear: TrActLinear}
@@ -188,6 +218,7 @@ def apply_tract(
         tract_lambda: float = DEFAULT_LAMBDA,
         layer: _LayerArg = None,
         sync_gram: bool = False,
+        tract_lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> nn.Module:
     """Make the model's first layer a TrAct layer, in place; returns the model.
 
@@ -198,23 +229,29 @@ def apply_tract(
         layer: module path (or list/tuple of paths) to convert; default timm's `first_conv`, else the first
             nn.Conv2d / nn.Linear in module order.
         sync_gram: under DDP, all-reduce XᵀX and N so every rank uses the global-batch statistics.
+        tract_lambda_mode: 'absolute' (the paper's XᵀX/N + λI) or 'relative' (XᵀX/N + λ·s·I, s = tr(XᵀX/N)/n: λ
+            independent of the input's units).
 
     The module object, its Parameters (an optimizer built before keeps working), hooks, device and dtype are kept:
-    only its class changes to TrActConv2d / TrActLinear. A layer that is already TrAct gets the new λ.
+    only its class changes to TrActConv2d / TrActLinear. A layer that is already TrAct gets the new λ, mode and
+    sync_gram.
     Every argument and every named layer is checked first: a call that raises changes nothing.
     """
     tract_lambda = check_lambda(tract_lambda)
+    tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
     layers = _named_first_layers(model, layer)
     for name, module in layers:
         if not is_tract_layer(module) and type(module) not in _TRACT_CLASS:
             raise TrActTypeError(
                 f'TrAct covers nn.Conv2d and nn.Linear layers, but "{name}" is {type(module).__module__}.'
                 f'{type(module).__name__} (a subclass with its own forward, or another layer type). '
-                f'Pass layer="<module path>" naming a plain nn.Conv2d/nn.Linear, or use TrActConv2d/TrActLinear directly.')
+                f'Pass layer="<module path>" naming a plain nn.Conv2d/nn.Linear, or use TrActConv2d/TrActLinear '
+                f'directly.')
     for _, module in layers:
         if not is_tract_layer(module):
             module.__class__ = _TRACT_CLASS[type(module)]
         module.tract_lambda = tract_lambda
+        module.tract_lambda_mode = tract_lambda_mode
         module.sync_gram = bool(sync_gram)
     return model
 
@@ -224,6 +261,6 @@ def remove_tract(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in _BASE_CLASS:
             module.__class__ = _BASE_CLASS[type(module)]
-            for attr in ('_tract_lambda', 'sync_gram'):
+            for attr in ('_tract_lambda', '_tract_lambda_mode', 'sync_gram'):
                 module.__dict__.pop(attr, None)
     return model

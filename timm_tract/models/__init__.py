@@ -5,6 +5,6 @@ that load timm's `<arch>.<tag>` weights (trained without TrAct).
 """
 from ..naming import TRACT_PAPER_ID, tract_base_arch
 from ._builder import TrActPretrainedCfg
-from . import tract_resnet, tract_convnext, tract_vision_transformer, tract_deit
+from . import tract_resnet, tract_convnext, tract_vision_transformer, tract_deit  # noqa: F401 (registers the twins)
 
 __all__ = ['TRACT_PAPER_ID', 'TrActPretrainedCfg', 'tract_base_arch']

@@ -27,7 +27,7 @@ from timm.models import (
     PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, list_models,
     model_entrypoint, register_model, resolve_pretrained_cfg, split_model_name_tag)
 
-from ..functional import DEFAULT_LAMBDA, check_lambda
+from ..functional import DEFAULT_LAMBDA, DEFAULT_LAMBDA_MODE, check_lambda, check_lambda_mode
 from ..layers import apply_tract, is_tract_layer
 from ..naming import TRACT_PAPER_ID, _register_twin, tract_base_arch, twin_name
 from ..published import published_cfgs
@@ -38,8 +38,10 @@ __all__ = ['TrActPretrainedCfg', 'TRACT_PAPER_ID', 'register_tract_family', 'tra
 
 @dataclass
 class TrActPretrainedCfg(PretrainedCfg):
-    """timm's PretrainedCfg plus the TrAct λ the twin is built with (the `tract_lambda` create_model kwarg wins)."""
+    """timm's PretrainedCfg plus the TrAct λ and λ mode the twin is built with (the `tract_lambda` /
+    `tract_lambda_mode` create_model kwargs win)."""
     tract_lambda: float = DEFAULT_LAMBDA
+    tract_lambda_mode: str = DEFAULT_LAMBDA_MODE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def _make_entrypoint(twin: str, base: str, module_name: str) -> Callable[..., nn
     entrypoint.__module__ = module_name
     entrypoint.__doc__ = (
         f'timm `{base}` with a TrAct first layer ({TRACT_PAPER_ID}). Accepts every `{base}` kwarg plus '
-        f'`tract_lambda` (λ > 0, default 0.1).')
+        f'`tract_lambda` (λ > 0, default 0.1) and `tract_lambda_mode` (\'absolute\' default, or \'relative\').')
     return entrypoint
 
 
@@ -163,7 +165,8 @@ class _TrActPatchEmbed(PatchEmbed):
         proj = self.proj
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         if self.proj is not proj and is_tract_layer(proj):
-            apply_tract(self, proj.tract_lambda, layer='proj', sync_gram=proj.sync_gram)
+            apply_tract(self, proj.tract_lambda, layer='proj', sync_gram=proj.sync_gram,
+                        tract_lambda_mode=proj.tract_lambda_mode)
 
 
 def _guard_stem_rebuilds(model: nn.Module) -> None:
@@ -177,6 +180,7 @@ def _construct_twin(
         model_cls: Callable[..., nn.Module],
         first_conv: Union[None, str, Tuple[str, ...]],
         tract_lambda: float,
+        tract_lambda_mode: str,
         pruned_variant: Optional[str],
         **kwargs,
 ) -> nn.Module:
@@ -185,7 +189,7 @@ def _construct_twin(
     if pruned_variant:
         from timm.models._prune import adapt_model_from_file  # rebuilds convs: before TrAct, never after
         model = adapt_model_from_file(model, pruned_variant)
-    apply_tract(model, tract_lambda, layer=first_conv or None)
+    apply_tract(model, tract_lambda, layer=first_conv or None, tract_lambda_mode=tract_lambda_mode)
     _guard_stem_rebuilds(model)
     return model
 
@@ -195,8 +199,10 @@ def _resolve_twin_cfg(
         pretrained_cfg: Union[None, str, Dict[str, Any], PretrainedCfg],
         pretrained_cfg_overlay: Optional[Dict[str, Any]],
         tract_lambda: Optional[float],
+        tract_lambda_mode: Optional[str] = None,
 ) -> TrActPretrainedCfg:
-    """timm's cfg resolution under the twin's name; a dict or plain PretrainedCfg may carry `tract_lambda`."""
+    """timm's cfg resolution under the twin's name; a dict or plain PretrainedCfg may carry `tract_lambda` and
+    `tract_lambda_mode`."""
     if isinstance(pretrained_cfg, dict):
         pretrained_cfg = TrActPretrainedCfg(**pretrained_cfg)
     elif isinstance(pretrained_cfg, PretrainedCfg) and not isinstance(pretrained_cfg, TrActPretrainedCfg):
@@ -206,7 +212,10 @@ def _resolve_twin_cfg(
         cfg = _to_tract_cfg(cfg)
     if tract_lambda is not None:
         cfg = dataclasses.replace(cfg, tract_lambda=tract_lambda)
+    if tract_lambda_mode is not None:
+        cfg = dataclasses.replace(cfg, tract_lambda_mode=tract_lambda_mode)
     check_lambda(cfg.tract_lambda)
+    check_lambda_mode(cfg.tract_lambda_mode)
     return cfg
 
 
@@ -214,6 +223,7 @@ def _build_twin(
         twin: str,
         base: str,
         tract_lambda: Optional[float],
+        tract_lambda_mode: Optional[str],
         built: List[str],
         model_cls: Callable[..., nn.Module],
         variant: str,
@@ -225,9 +235,10 @@ def _build_twin(
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     built.append(variant)
     cfg = _resolve_twin_cfg(twin, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None),
-                            tract_lambda)
+                            tract_lambda, tract_lambda_mode)
     constructor = partial(
-        _construct_twin, model_cls, cfg.first_conv, cfg.tract_lambda, base if kwargs.pop('pruned', False) else None)
+        _construct_twin, model_cls, cfg.first_conv, cfg.tract_lambda, cfg.tract_lambda_mode,
+        base if kwargs.pop('pruned', False) else None)
     return build_model_with_cfg(constructor, twin, pretrained, pretrained_cfg=cfg, **kwargs)
 
 
@@ -273,6 +284,9 @@ def _create_tract(twin: str, pretrained: bool = False, **kwargs) -> nn.Module:
     tract_lambda = kwargs.pop('tract_lambda', None)
     if tract_lambda is not None:
         check_lambda(tract_lambda)
+    tract_lambda_mode = kwargs.pop('tract_lambda_mode', None)
+    if tract_lambda_mode is not None:
+        check_lambda_mode(tract_lambda_mode)
     if kwargs.get('use_naflex'):
         raise ValueError(
             f'{twin}: use_naflex=True is not supported. NaFlexVit embeds padded, pre-patchified inputs with a Linear '
@@ -283,7 +297,8 @@ def _create_tract(twin: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise RuntimeError(f'{twin}: timm\'s entrypoint for `{base}` is {entrypoint!r}, not a plain function; '
                            f'build `{base}` and call timm_tract.apply_tract(model) instead.')
     built: List[str] = []
-    redirected = _with_build_redirect(entrypoint, partial(_build_twin, twin, base, tract_lambda, built))
+    build = partial(_build_twin, twin, base, tract_lambda, tract_lambda_mode, built)
+    redirected = _with_build_redirect(entrypoint, build)
     model = redirected(pretrained=pretrained, **kwargs)
     if not built:
         raise RuntimeError(
