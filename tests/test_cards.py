@@ -66,6 +66,17 @@ def test_front_matter_model_index_and_stats(cifar_run, tmp_path):
     assert '@inproceedings{petersen2024tract' in readme and '@misc{rw2019timm' in readme
 
 
+def test_relative_lambda_mode_is_published(tmp_path):
+    """A run with --tract-lambda-mode relative: config.json's tract block, the card's formula and its continue-training
+    snippet all say so (an absolute run's card keeps the paper's formula, tested above)."""
+    run = make_run(tmp_path / 'rel', epochs=1, extra_args=dict(tract_lambda=0.1, tract_lambda_mode='relative'))
+    folder = build_repo_folder(run, 'me/test_resnet_tract.rel', tmp_path / 'repo').folder
+    readme = (folder / 'README.md').read_text()
+    assert json.loads((folder / 'config.json').read_text())['tract']['lambda_mode'] == 'relative'
+    assert 'XᵀX / N + λ·s I' in readme and 'relative λ mode' in readme
+    assert "tract_lambda_mode='relative'" in python_blocks(readme)[-1]
+
+
 def test_model_stats_are_computed():
     """MACs and activations against the closed form for a conv + linear net, and timm's published resnet50 card."""
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))

@@ -95,20 +95,39 @@ def test_tract_lambda_goes_where_tract_is_used(model, opt, where):
     args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda', '0.05',
                                             '--model-kwargs', 'drop_block_rate=0.1'])
     built = timm.create_model(model, device='meta')
-    opt_kwargs = tract_train._route_tract_lambda(args, built)
+    opt_kwargs = tract_train._route_tract_settings(args, built)
     layers = [m for m in built.modules() if timm_tract.is_tract_layer(m)]
     assert opt_kwargs == ({'tract_lambda': 0.05} if where == 'opt' else {})
     assert [m.tract_lambda for m in layers] == ([0.05] if where == 'model' else [])
     assert args.model_kwargs == {'drop_block_rate': 0.1} and args.opt_kwargs == {}  # args (args.yaml) untouched
 
 
+@pytest.mark.parametrize('model,opt,where', [('resnet18_tract', 'sgd', 'model'), ('resnet18', 'tract-sgd', 'opt')])
+def test_tract_lambda_mode_goes_where_tract_is_used(model, opt, where):
+    """--tract-lambda-mode is routed like --tract-lambda; a conflicting --opt-kwargs value and a bad value are refused."""
+    args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda-mode', 'relative'])
+    built = timm.create_model(model, device='meta')
+    opt_kwargs = tract_train._route_tract_settings(args, built)
+    layers = [m for m in built.modules() if timm_tract.is_tract_layer(m)]
+    assert opt_kwargs == ({'tract_lambda_mode': 'relative'} if where == 'opt' else {})
+    assert [m.tract_lambda_mode for m in layers] == (['relative'] if where == 'model' else [])
+    args.opt_kwargs = {'tract_lambda_mode': 'absolute'}
+    with pytest.raises(TrainError, match='--tract-lambda-mode relative and --opt-kwargs tract_lambda_mode=absolute'):
+        tract_train._route_tract_settings(args, timm.create_model(model, device='meta'))
+    args.opt_kwargs = {'tract_lambda_mode': 'bogus'}
+    with pytest.raises(TrainError, match="--opt-kwargs tract_lambda_mode: tract_lambda_mode must be one of"):
+        tract_train._check_args(args)
+    with pytest.raises(SystemExit):
+        build_train_parser().parse_args(['--tract-lambda-mode', 'bogus'])
+
+
 def test_tract_lambda_follows_the_built_model_not_its_name():
     """An hf-hub:/local-dir: model of a TrAct run names its base arch; a model with a TrAct layer still gets λ."""
     args = build_train_parser().parse_args(['--model', 'local-dir:/somewhere', '--opt', 'sgd', '--tract-lambda', '0.2'])
     built = timm_tract.apply_tract(timm.create_model('resnet18', device='meta'))
-    assert tract_train._route_tract_lambda(args, built) == {} and built.conv1.tract_lambda == 0.2
+    assert tract_train._route_tract_settings(args, built) == {} and built.conv1.tract_lambda == 0.2
     with pytest.raises(TrainError, match='--tract-lambda needs TrAct'):
-        tract_train._route_tract_lambda(args, timm.create_model('resnet18', device='meta'))
+        tract_train._route_tract_settings(args, timm.create_model('resnet18', device='meta'))
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):

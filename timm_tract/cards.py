@@ -169,6 +169,7 @@ class CardInputs:
     tract_lambda: float
     tract_layer: str
     train_command: str
+    tract_lambda_mode: str = 'absolute'
     license: str = 'apache-2.0'
     label_names: Optional[List[str]] = None
     model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -417,7 +418,8 @@ def model_card(run: RunInfo, weights: CardModel, repo_id: str, *, license: str =
         repo_id=repo_id, base_arch=weights.base, tract_arch=twin_name(weights.base),
         num_classes=weights.model.num_classes, img_size=tuple(weights.data_config['input_size'][1:]),
         stats=model_stats(weights.model, weights.data_config['input_size']), tract_lambda=weights.tract['lambda'],
-        tract_layer=weights.layer, train_command=training_command(run.args), license=license,
+        tract_layer=weights.layer, tract_lambda_mode=weights.tract.get('lambda_mode', 'absolute'),
+        train_command=training_command(run.args), license=license,
         label_names=weights.label_names,
         model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
                     or (k == 'in_chans' and v != 3)},

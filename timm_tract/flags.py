@@ -95,6 +95,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--tract-lambda', type=float, default=None, metavar='LAMBDA',
                    help='TrAct λ (> 0; 0.1 when not given): set on the TrAct layers of the built model (a *_tract '
                         'model), else passed to a tract-* optimizer')
+    g.add_argument('--tract-lambda-mode', choices=('absolute', 'relative'), default=None,
+                   help="'absolute' (when not given; the paper's XᵀX/N + λI) or 'relative' (XᵀX/N + λ·s·I with s the "
+                        "mean second moment of the patch entries: λ independent of the input's scale); routed like "
+                        "--tract-lambda")
     g = _flag_group(p, 'Optimizer')
     g.add_argument('--opt', default='sgd', metavar='OPTIMIZER', help='timm optimizer, e.g. sgd, adamw, tract-sgd')
     g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')

@@ -33,7 +33,7 @@ from . import rundir
 from .cards import CardModel, model_card, public_args
 from .data import known_dataset
 from .errors import PublishError, RunDirError
-from .functional import DEFAULT_LAMBDA
+from .functional import DEFAULT_LAMBDA, DEFAULT_LAMBDA_MODE, LAMBDA_MODES
 from .naming import (TRACT_PAPER_ID, is_tract_optimizer, is_weights_source, repo_tag, split_model_name_tag,
                      tract_base_arch, twin_name)
 from .version import __version__
@@ -179,15 +179,23 @@ def _tract_settings(args: Dict[str, Any], arch: str) -> Dict[str, Any]:
         raise PublishError(
             f'this run did not train with TrAct (model {arch!r}, optimizer {opt!r}): publish it with timm\'s '
             f'push_to_hf_hub instead, or train with a *_tract model or a tract-* optimizer')
-    lam = args.get('tract_lambda')
-    for kw in ('opt_kwargs', 'model_kwargs'):
-        kwargs = args.get(kw) or {}
-        if lam is None and isinstance(kwargs, dict) and kwargs.get('tract_lambda') is not None:
-            lam = kwargs['tract_lambda']
+    lam, mode = _recorded_setting(args, 'tract_lambda'), _recorded_setting(args, 'tract_lambda_mode')
     if not isinstance(lam, (int, float, type(None))) or isinstance(lam, bool):
         raise PublishError(f'args.yaml has tract_lambda {lam!r}, not a number; fix the file')
-    return {'lambda': float(lam if lam is not None else DEFAULT_LAMBDA),
+    if mode not in (None, *LAMBDA_MODES):
+        raise PublishError(f'args.yaml has tract_lambda_mode {mode!r}, not one of {LAMBDA_MODES}; fix the file')
+    return {'lambda': float(lam if lam is not None else DEFAULT_LAMBDA), 'lambda_mode': mode or DEFAULT_LAMBDA_MODE,
             'via': 'model' if tract_base_arch(arch) is not None or not via_opt else 'optimizer', 'optimizer': opt}
+
+
+def _recorded_setting(args: Dict[str, Any], key: str) -> Any:
+    """A TrAct setting of the run: its own flag (`--tract-lambda`), else `--opt-kwargs` / `--model-kwargs`."""
+    value = args.get(key)
+    for kw in ('opt_kwargs', 'model_kwargs'):
+        kwargs = args.get(kw) or {}
+        if value is None and isinstance(kwargs, dict) and kwargs.get(key) is not None:
+            value = kwargs[key]
+    return value
 
 
 def _model_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -284,7 +292,7 @@ def _write_weights_and_config(w: CardModel, repo_id: str, license: str, folder: 
                       f'continue TrAct training with {tract_arch} from timm-tract.',),
         },
         'tract': {
-            'used': True, 'lambda': w.tract['lambda'], 'layer': w.layer, 'arch': tract_arch,
+            'used': True, 'lambda': w.tract['lambda'], 'lambda_mode': w.tract['lambda_mode'], 'layer': w.layer, 'arch': tract_arch,
             'applied_via': w.tract['via'], 'optimizer': w.tract['optimizer'], 'paper': TRACT_PAPER_ID,
             'timm_tract_version': __version__,
         },

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .errors import TimmTractError, TrainError
-from .functional import check_lambda
+from .functional import check_lambda, check_lambda_mode
 from .layers import is_tract_layer
 from .naming import (TRACT_OPT_PREFIX, base_optimizer_name, is_tract_optimizer, is_weights_source, split_model_name_tag,
                      twin_name)
@@ -60,14 +60,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError('--batch-size and --epochs must be >= 1.')
     if args.workers < 0:
         raise TrainError('--workers must be >= 0 (0 loads the data in the training process).')
-    for flag, value in (('--tract-lambda', args.tract_lambda),
-                        ('--model-kwargs tract_lambda', (args.model_kwargs or {}).get('tract_lambda')),
-                        ('--opt-kwargs tract_lambda', (args.opt_kwargs or {}).get('tract_lambda'))):
-        if value is not None:
-            try:
-                check_lambda(value)
-            except TimmTractError as e:
-                raise TrainError(f'{flag}: {e}') from None
+    model_kwargs, opt_kwargs = args.model_kwargs or {}, args.opt_kwargs or {}
+    for key, check in (('tract_lambda', check_lambda), ('tract_lambda_mode', check_lambda_mode)):
+        for flag, value in ((f"--{key.replace('_', '-')}", getattr(args, key, None)),
+                            (f'--model-kwargs {key}', model_kwargs.get(key)), (f'--opt-kwargs {key}', opt_kwargs.get(key))):
+            if value is not None:
+                try:
+                    check(value)
+                except TimmTractError as e:
+                    raise TrainError(f'{flag}: {e}') from None
     _check_output_root(args.output or os.path.join('.', 'output', 'train'))
     if args.resume and not os.path.isfile(args.resume):
         raise TrainError(f'--resume {args.resume!r} is not a file (expected e.g. <output dir>/last.pth.tar).')
@@ -135,27 +136,31 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
         raise
 
 
-def _route_tract_lambda(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
-    """Put --tract-lambda where TrAct is, decided from the built model and the optimizer name (never from the model
-    name: an hf-hub:/local-dir: model of a TrAct run names its base architecture). Sets λ on the model's TrAct layers,
-    or returns the optimizer kwargs with it for a tract-* optimizer."""
+def _route_tract_settings(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
+    """Put --tract-lambda and --tract-lambda-mode where TrAct is, decided from the built model and the optimizer name
+    (never from the model name: an hf-hub:/local-dir: model of a TrAct run names its base architecture). Sets them on
+    the model's TrAct layers, or returns the optimizer kwargs with them for a tract-* optimizer."""
     opt_kwargs = dict(args.opt_kwargs or {})
-    lam = args.tract_lambda
-    if lam is None:
+    settings = {key: getattr(args, key, None) for key in ('tract_lambda', 'tract_lambda_mode')}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    if not settings:
         return opt_kwargs
-    for flag, given in (('--model-kwargs', (args.model_kwargs or {}).get('tract_lambda')),
-                        ('--opt-kwargs', opt_kwargs.get('tract_lambda'))):
-        if given is not None and given != lam:
-            raise TrainError(f'--tract-lambda {lam} and {flag} tract_lambda={given} disagree: give λ once.')
+    for key, value in settings.items():
+        flag = '--' + key.replace('_', '-')
+        for where, given in (('--model-kwargs', (args.model_kwargs or {}).get(key)), ('--opt-kwargs', opt_kwargs.get(key))):
+            if given is not None and given != value:
+                raise TrainError(f'{flag} {value} and {where} {key}={given} disagree: give it once.')
     layers = [m for m in model.modules() if is_tract_layer(m)]
     if layers:
         for layer in layers:
-            layer.tract_lambda = lam
+            for key, value in settings.items():
+                setattr(layer, key, value)
     elif is_tract_optimizer(args.opt):
-        opt_kwargs['tract_lambda'] = lam
+        opt_kwargs.update(settings)
     else:
+        flags = ' / '.join('--' + key.replace('_', '-') for key in settings)
         raise TrainError(
-            f'--tract-lambda needs TrAct in the run: {args.model} has no TrAct layer and {args.opt} is not a tract-* '
+            f'{flags} needs TrAct in the run: {args.model} has no TrAct layer and {args.opt} is not a tract-* '
             f'optimizer; use a *_tract model (e.g. --model {twin_name(args.model.split(".")[0])}) or a tract-* '
             f'optimizer (e.g. --opt {TRACT_OPT_PREFIX}{base_optimizer_name(args.opt)}).')
     return opt_kwargs
@@ -603,7 +608,7 @@ def _build_run(args: argparse.Namespace) -> _Run:
     model = _create_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
-    opt_kwargs = _route_tract_lambda(args, model)
+    opt_kwargs = _route_tract_settings(args, model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     _use_recorded_statistics(args)

@@ -94,20 +94,22 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _twin(args: argparse.Namespace) -> Dict[str, dict]:
-    """Per method, the train flags that differ: model/opt and λ (only the TrAct run may carry --tract-lambda)."""
+    """Per method, the train flags that differ: model/opt and λ (only the TrAct run carries --tract-lambda and
+    --tract-lambda-mode)."""
     import timm
     from .. import models  # noqa: F401  (registers the *_tract twins)
 
-    base = {'model': args.model, 'opt': args.opt, 'tract_lambda': None}
+    base = {'model': args.model, 'opt': args.opt, 'tract_lambda': None, 'tract_lambda_mode': None}
+    tract_settings = {'tract_lambda': args.tract_lambda, 'tract_lambda_mode': args.tract_lambda_mode}
     if args.tract_via == 'model':
         twin = twin_model_name(args.model)
         if not timm.is_model(twin):
             raise CompareError(f'{args.model!r} has no registered TrAct twin {twin} (timm_tract covers the '
                                f'ResNet, ConvNeXt, ViT and DeiT families); use --tract-via opt '
                                f'({TRACT_OPT_PREFIX}{args.opt}).')
-        tract = {'model': twin, 'opt': args.opt, 'tract_lambda': args.tract_lambda}
+        tract = {'model': twin, 'opt': args.opt, **tract_settings}
     else:
-        tract = {'model': args.model, 'opt': TRACT_OPT_PREFIX + args.opt, 'tract_lambda': args.tract_lambda}
+        tract = {'model': args.model, 'opt': TRACT_OPT_PREFIX + args.opt, **tract_settings}
     return {'baseline': base, 'tract': tract}
 
 
@@ -210,7 +212,8 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
               f"{args.opt} lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, {args.sched} "
               f"schedule{' per update' if args.sched_on_updates else ''}, warmup {args.warmup_epochs} epochs, "
               f"label smoothing {args.smoothing}, {'no augmentation' if args.no_aug else 'timm augmentation'}, "
-              f"TrAct λ {args.tract_lambda} via {args.tract_via}")
+              f"TrAct λ {args.tract_lambda}{' (relative)' if args.tract_lambda_mode == 'relative' else ''} via "
+              f"{args.tract_via}")
     report = build_report(
         runs, baseline_label=labels['baseline'], tract_label=labels['tract'], data=data_label, recipe=recipe,
         seeds=seeds, wall_clock_s=time.time() - start, publish_dir=publish_dir, jobs=jobs, threads_per_run=threads,
