@@ -1,6 +1,5 @@
 """ Write docs/embedded_data.png: the first 12 training images of every class of the embedded data set. """
 import sys
-from pathlib import Path
 
 from PIL import Image
 

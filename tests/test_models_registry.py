@@ -17,7 +17,7 @@ import timm
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, list_models
 from safetensors.torch import save_file
 
-import timm_tract
+import timm_tract  # noqa: F401  (registers the twins)
 from timm_tract import is_tract_layer, remove_tract
 from timm_tract.models import TRACT_PAPER_ID, TrActPretrainedCfg, tract_base_arch
 

@@ -3,8 +3,8 @@ from .version import __version__
 from .errors import TimmTractError
 from .layers import TrActConv2d, TrActLinear, apply_tract, remove_tract, is_tract_layer, find_first_layer
 from . import functional
-from . import models  # registers the <arch>_tract twins in timm's model registry
-from . import optim  # registers the tract-<base> optimizers in timm's optimizer registry
+from . import models  # noqa: F401  registers the <arch>_tract twins in timm's model registry
+from . import optim  # noqa: F401  registers the tract-<base> optimizers in timm's optimizer registry
 
 __all__ = [
     '__version__', 'TrActConv2d', 'TrActLinear', 'apply_tract', 'remove_tract', 'is_tract_layer', 'find_first_layer',

@@ -55,10 +55,10 @@ def format_markdown(report: dict) -> str:
     lines += ['', sp['text']]
     tta = report.get('time_to_accuracy') or {}
     if tta.get('cpu') is not None or tta.get('wall') is not None:
-        lines += ['', f"Speed-up in time to the baseline's best mean top-1: {tta['cpu']:.2f}x in CPU time (mean time of "
-                      f"the baseline's {sp['baseline_epochs']}-epoch runs over TrAct's {sp['tract_epochs']}-epoch runs); "
-                      f"in wall-clock time {tta['wall']:.2f}x, which also depends on what else ran on the machine "
-                      f"(load average below)."]
+        lines += ['', f"Speed-up in time to the baseline's best mean top-1: {tta['cpu']:.2f}x in CPU time (mean time "
+                      f"of the baseline's {sp['baseline_epochs']}-epoch runs over TrAct's {sp['tract_epochs']}-epoch "
+                      f"runs); in wall-clock time {tta['wall']:.2f}x, which also depends on what else ran on the "
+                      f"machine (load average below)."]
     if report.get('bootstrap'):
         lines += ['', report['bootstrap']['text']]
     et = report.get('epoch_times')
@@ -82,7 +82,8 @@ def format_markdown(report: dict) -> str:
         f"Machine: {m['device']}; {m['platform']}; torch {m['torch']}, timm {m['timm']}. "
         f"Wall-clock: {format_duration(report['wall_clock_s'])} for {len(report['runs'])} runs{jobs} "
         f"(run time summed: baseline {format_duration(report['method_s']['baseline'])}, TrAct "
-        f"{format_duration(report['method_s']['tract'])}; CPU time {format_duration(report.get('cpu_s', 0.))}).{load_text}",
+        f"{format_duration(report['method_s']['tract'])}; CPU time {format_duration(report.get('cpu_s', 0.))})."
+        f"{load_text}",
     ]
     if report.get('publish_dir'):
         lines += ['', f"TrAct run kept for publishing: `{report['publish_dir']}`"]
@@ -100,7 +101,8 @@ def _conclusion(report: dict) -> str:
     """One line: did TrAct reach the baseline's best in fewer epochs, and the paired verdict at the largest budget."""
     sp = report['speedup']
     if sp.get('factor') is None:
-        text = f"TrAct did not reach the baseline's best mean top-1 ({sp['baseline_top1']:.2f}%) within the budgets tried"
+        text = (f"TrAct did not reach the baseline's best mean top-1 ({sp['baseline_top1']:.2f}%) within the budgets "
+                f"tried")
     else:
         cpu = (report.get('time_to_accuracy') or {}).get('cpu')
         text = (f"TrAct reached the baseline's best mean top-1 ({sp['baseline_top1']:.2f}%) in {sp['tract_epochs']} "
@@ -175,7 +177,8 @@ def write_report(report: dict, out_dir: str) -> Dict[str, str]:
     """Write report.json, report.md and compare.png into `out_dir`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {'json': str(out / COMPARE_REPORT), 'markdown': str(out / COMPARE_REPORT_MD), 'plot': str(out / COMPARE_PLOT)}
+    paths = {'json': str(out / COMPARE_REPORT), 'markdown': str(out / COMPARE_REPORT_MD),
+             'plot': str(out / COMPARE_PLOT)}
     plot_report(report, paths['plot'])
     Path(paths['json']).write_text(json.dumps(report, indent=1) + '\n')
     Path(paths['markdown']).write_text(format_markdown(report))
