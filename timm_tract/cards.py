@@ -1,10 +1,12 @@
 """ Model cards for TrAct runs: what a card states and how it is rendered.
 
 Card content is computed here from a run's numbers (model stats, per-epoch results, the `timm-tract compare` table),
-never pasted from files: a compare report's values are type-checked and its sentences re-rendered from them. What
-reaches a published file is public: local paths in the training command and hyper-parameters become placeholders
-(`--data-dir <DATA_DIR>`), and the data set is named by its real name (a known data set's Hub id, the name in a
-timm-tract data manifest, else the folder name). Epochs are counted from 1 everywhere a person reads them.
+never pasted from files: a compare report's values are type-checked, its sentences and its plot re-rendered from
+them. What reaches a published file is public: local paths in the training command and hyper-parameters become
+placeholders at every depth (`--data-dir <DATA_DIR>`, `pretrained_cfg_overlay={'file': '<PATH>'}`), names taken from
+files are used only when they are plain names, and the data set is named by its real name (a known data set's Hub
+id, the name recorded at training time in the run's data_facts.json, else the folder name). Nothing here reads a
+file. Metrics that are not finite are left out. Epochs are counted from 1 everywhere a person reads them.
 The README.md is rendered with Jinja2 from the templates in `model_cards/` (front matter through huggingface_hub's
 `ModelCardData`).
 """

@@ -111,8 +111,9 @@ class PublishOptions:
     """How to turn a run into a repository (first group) and how to upload it (second group).
 
     checkpoint: 'best', 'last' or a checkpoint path; use_ema: publish EMA weights when the checkpoint has them;
-    label_names: class names (default: from the data); dataset_name/dataset_id: the card's data set (default: known
-    from the run); base_model: Hub repo the run was fine-tuned from (default: from the run's args).
+    label_names: class names (default: recorded by training in the run's data_facts.json); dataset_name/dataset_id:
+    the card's data set (default: known from the run); base_model: Hub repo the run was fine-tuned from (default:
+    from the run's args).
     token: Hub token (default HF_TOKEN / login; never printed or written); revision: the branch to commit to (created
     if missing; checked before anything is read); overwrite: replace the files of a repo that has some (else
     refused); retries: per Hub call, on network errors, timeouts and 5xx/429 answers, waiting backoff·2^k seconds (a
