@@ -5,7 +5,10 @@ LFS batch + PUT (basic transfer), NDJSON commit, branch create, resolve (HEAD/GE
 model info, revision info and tree listing. Clients must run with `HF_HUB_DISABLE_XET=1` (no Xet routes here).
 
 Fault injection for error-path tests:
-  * `hub.fail_next(method, path_part, status, count=1)`: the next `count` matching requests answer `status`;
+  * `hub.fail_next(method, path_part, status, count=1, headers=None)`: the next `count` matching requests answer
+    `status` (with `headers`, e.g. {'Retry-After': '7'});
+  * `hub.hang_next(method, path_part, count=1)`: the next `count` matching requests are read and never answered
+    (a Hub or proxy that accepts the connection and hangs) until the hub is reset or stopped;
   * `hub.truncate = {'model.safetensors'}`: GET of that file sends only the first half of its bytes
     (a consistent but short response, as from a broken proxy), HEAD still reports the full size;
   * `hub.tokens = {'hf_x'}`: writes without `Authorization: Bearer <one of tokens>` answer 401.
@@ -72,6 +75,8 @@ class FakeHub:
         self.truncate: Set[str] = set()
         self.requests: List[Tuple[str, str, int]] = []
         self._faults: List[list] = []
+        self._hangs: List[list] = []
+        self._release = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(('127.0.0.1', 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -83,18 +88,27 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
 
-    def fail_next(self, method: str, path_part: str, status: int, count: int = 1) -> None:
+    def fail_next(self, method: str, path_part: str, status: int, count: int = 1,
+                  headers: Optional[Dict[str, str]] = None) -> None:
         with self._lock:
-            self._faults.append([method.upper(), path_part, status, count])
+            self._faults.append([method.upper(), path_part, status, count, dict(headers or {})])
+
+    def hang_next(self, method: str, path_part: str, count: int = 1) -> None:
+        with self._lock:
+            self._hangs.append([method.upper(), path_part, count])
 
     def reset(self) -> None:
         with self._lock:
             self.repos.clear()
             self.lfs_objects.clear()
             self._faults.clear()
+            self._hangs.clear()
+            self._release.set()
+            self._release = threading.Event()
             self.requests.clear()
             self.tokens = None
             self.truncate = set()
@@ -103,12 +117,20 @@ class FakeHub:
         repo = self.repos[repo_id]
         return {p: f.data for p, f in repo.commits[repo.resolve(rev)].items()}
 
-    def _take_fault(self, method: str, path: str) -> Optional[int]:
+    def _take_fault(self, method: str, path: str) -> Optional[Tuple[int, Dict[str, str]]]:
         with self._lock:
             for fault in self._faults:
                 if fault[0] == method and fault[1] in path and fault[3] > 0:
                     fault[3] -= 1
-                    return fault[2]
+                    return fault[2], fault[4]
+        return None
+
+    def _take_hang(self, method: str, path: str) -> Optional[threading.Event]:
+        with self._lock:
+            for hang in self._hangs:
+                if hang[0] == method and hang[1] in path and hang[2] > 0:
+                    hang[2] -= 1
+                    return self._release
         return None
 
 
@@ -139,8 +161,9 @@ def _make_handler(hub: FakeHub):
                 self.wfile.write(body)
             hub.requests.append((self.command, self.path, status))
 
-        def _error(self, status: int, message: str, code: Optional[str] = None, commit: Optional[str] = None):
-            headers = {'X-Error-Message': message}
+        def _error(self, status: int, message: str, code: Optional[str] = None, commit: Optional[str] = None,
+                   extra: Optional[Dict[str, str]] = None):
+            headers = {'X-Error-Message': message, **(extra or {})}
             if code:
                 headers['X-Error-Code'] = code
             if commit:
@@ -156,10 +179,17 @@ def _make_handler(hub: FakeHub):
         def _dispatch(self):
             parsed = urllib.parse.urlsplit(self.path)
             path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
-            status = hub._take_fault(self.command, path)
-            if status is not None:
+            release = hub._take_hang(self.command, path)
+            if release is not None:
                 self._body()
-                return self._error(status, f'injected error {status}')
+                hub.requests.append((self.command, self.path, 0))  # 0: never answered
+                release.wait(60)
+                self.close_connection = True
+                return
+            fault = hub._take_fault(self.command, path)
+            if fault is not None:
+                self._body()
+                return self._error(fault[0], f'injected error {fault[0]}', extra=fault[1])
             body = self._body() if self.command in ('POST', 'PUT') else b''
             if self.command in ('POST', 'PUT') and not self._authorized():
                 return self._error(401, 'Invalid credentials in Authorization header')
@@ -194,7 +224,7 @@ def _make_handler(hub: FakeHub):
         # ---- routes
         def create_repo(self, m, q, body):
             data = json.loads(body or b'{}')
-            repo_id = f"{data.get('organization')}/{data['name']}" if data.get('organization') else f"user/{data['name']}"
+            repo_id = f"{data.get('organization') or 'user'}/{data['name']}"
             url = {'url': f'{hub.url}/{repo_id}', 'name': repo_id, 'id': repo_id}
             if repo_id in hub.repos:
                 return self._send(409, dict(url, error='You already created this model repo'))

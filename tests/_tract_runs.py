@@ -14,6 +14,8 @@ import timm
 import yaml
 
 import timm_tract
+from timm_tract import rundir
+from timm_tract.data import known_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMG = 32
@@ -21,8 +23,10 @@ IMG = 32
 
 def make_run(root: Path, arch: str = 'test_resnet', model_name: str = None, opt: str = 'tract-sgd',
              num_classes: int = 3, epochs: int = 2, ema: bool = False, model_kwargs: dict = None,
-             extra_args: dict = None, in_chans: int = 3) -> Path:
-    """A train.py-layout run: real TrAct training steps on a real timm model, real torch.save checkpoints."""
+             extra_args: dict = None, in_chans: int = 3, data_facts: bool = True) -> Path:
+    """A train.py-layout run: real TrAct training steps on a real timm model, real torch.save checkpoints, and (unless
+    `data_facts=False`: a run written before timm-tract recorded them) the data facts `timm-tract train` records: the
+    class folders' names, or a known timm data set's classes."""
     root.mkdir(parents=True)
     data = root / 'data'
     classes = ['cat', 'dog', 'fish', 'bird', 'frog'][:num_classes]
@@ -42,6 +46,9 @@ def make_run(root: Path, arch: str = 'test_resnet', model_name: str = None, opt:
                 experiment=root.name, seed=0, amp=False, model_ema=ema, pretrained=False)
     args.update(extra_args or {})
     (root / 'args.yaml').write_text(yaml.safe_dump(args, default_flow_style=False))
+    if data_facts:
+        known = known_dataset(args['dataset']) if args['dataset'] else None
+        rundir.write_data_facts(root, list(known.classes) if known and known.classes else classes)
     rows = []
     for epoch in range(epochs):
         model.train()

@@ -321,18 +321,27 @@ def test_publish_never_unpickles_a_checkpoint(run_dir, tmp_path, content):
     assert not marker.exists() and tree(tmp_path) == before
 
 
-def test_publish_reads_no_plot_or_report_outside_its_compare_dir(run_dir, tmp_path):
-    """A report.json above the run that does not list it, with a `plot` pointing out of the tree: not read."""
+_TABLE = [{'method': 'baseline', 'epochs': 4, 'n': 1, 'mean': 40.0, 'std': 0.0},
+          {'method': 'tract', 'epochs': 4, 'n': 1, 'mean': 50.0, 'std': 0.0}]
+
+
+@pytest.mark.parametrize('lists_run', [False, True])
+def test_publish_uses_a_compare_report_only_when_it_lists_the_run(run_dir, tmp_path, lists_run):
+    """A report.json above the run with a real table: used (comparison section, plot) only when its runs name this
+    run; a report of other runs is not read into the card, and its `plot` key pointing out of the tree never is."""
     secret = tmp_path / 'secret.png'
     secret.write_bytes(b'\x89PNG\r\n\x1a\n' + b'SECRET' * 10)
     cmp_dir = tmp_path / 'cmp'
     run = _copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
-    report = {'plot': '../secret.png', 'runs': [{'output_dir': 'elsewhere/runs/other'}],
-              'speedup': {'text': 'INJECTED TEXT'}, 'table': []}
+    listed = 'elsewhere/runs/tract-e4-s0' if lists_run else 'elsewhere/runs/other'
+    report = {'plot': '../secret.png', 'runs': [{'output_dir': listed}], 'seeds': [0],
+              'baseline_label': 'test_resnet', 'tract_label': 'test_resnet_tract', 'table': _TABLE}
     (cmp_dir / 'report.json').write_text(json.dumps(report))
     folder = build_repo_folder(run, 'me/x', tmp_path / 'repo').folder
-    assert not (folder / 'accuracy.png').exists()
-    assert not any(b'SECRET' in p.read_bytes() or b'INJECTED' in p.read_bytes() for p in folder.iterdir())
+    card = (folder / 'README.md').read_text()
+    assert ('| test_resnet_tract | 4 | 1 | 50.00 ± 0.00 |' in card) is lists_run
+    assert ('Baseline comparison' in card) is lists_run and (folder / 'accuracy.png').exists() is lists_run
+    assert not any(b'SECRET' in p.read_bytes() for p in folder.rglob('*') if p.is_file())
 
 
 def test_publish_report_text_is_rendered_from_numbers_and_plot_must_be_png(run_dir, tmp_path):
@@ -354,7 +363,8 @@ def test_publish_report_text_is_rendered_from_numbers_and_plot_must_be_png(run_d
     assert 'Speed-up ≥ 1.00x' in card and '100x' not in card  # recomputed from the table's numbers
     assert '| test_resnet_tract | 4 | 1 | 50.00 ± 0.00 |' in card and '| baseline | 4 | 1 | 40.00 ± 0.00 |' in card
     assert 'onerror' not in card and 'ninety' not in card and 'evil' not in card and 'rm -rf' not in card
-    assert not (folder / 'accuracy.png').exists()  # not a PNG: not copied
+    plot = (folder / 'accuracy.png').read_bytes()  # rendered from the table's numbers, the file never copied
+    assert plot.startswith(b'\x89PNG\r\n\x1a\n') and b'<html>' not in plot
 
 
 def test_publish_invalid_report_json(run_dir, tmp_path):

@@ -15,7 +15,7 @@ import timm
 import yaml
 from safetensors.torch import load_file
 
-import timm_tract
+import timm_tract  # noqa: F401  (registers the *_tract twins)
 from timm_tract.errors import PublishError
 from timm_tract.hub import build_repo_folder, publish, read_run
 from timm_tract.published import load_manifest, published_cfgs
@@ -158,7 +158,8 @@ def test_upload_one_commit_and_overwrite_rules(run_dir, hub):
     n_before = len(hub.requests)
     result = publish(run_dir, repo, endpoint=hub.url, token=TOKEN, retries=0)
     served = hub.requests[n_before:]
-    assert [r for r in served if '/commit/' in r[1]] == [('POST', '/api/models/me/test_resnet_tract.commit/commit/main', 200)]
+    assert [r for r in served if '/commit/' in r[1]] == [
+        ('POST', '/api/models/me/test_resnet_tract.commit/commit/main', 200)]
     assert result.commit_url.startswith(f'{hub.url}/{repo}/commit/') and result.folder is None
     files = hub.files(repo)
     assert sorted(files) == ['.gitattributes', 'README.md', 'config.json', 'model.safetensors', 'results.csv',

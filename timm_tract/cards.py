@@ -1,10 +1,12 @@
 """ Model cards for TrAct runs: what a card states and how it is rendered.
 
 Card content is computed here from a run's numbers (model stats, per-epoch results, the `timm-tract compare` table),
-never pasted from files: a compare report's values are type-checked and its sentences re-rendered from them. What
-reaches a published file is public: local paths in the training command and hyper-parameters become placeholders
-(`--data-dir <DATA_DIR>`), and the data set is named by its real name (a known data set's Hub id, the name in a
-timm-tract data manifest, else the folder name). Epochs are counted from 1 everywhere a person reads them.
+never pasted from files: a compare report's values are type-checked, its sentences and its plot re-rendered from
+them. What reaches a published file is public: local paths in the training command and hyper-parameters become
+placeholders at every depth (`--data-dir <DATA_DIR>`, `pretrained_cfg_overlay={'file': '<PATH>'}`), names taken from
+files are used only when they are plain names, and the data set is named by its real name (a known data set's Hub
+id, the name recorded at training time in the run's data_facts.json, else the folder name). Nothing here reads a
+file. Metrics that are not finite are left out. Epochs are counted from 1 everywhere a person reads them.
 The README.md is rendered with Jinja2 from the templates in `model_cards/` (front matter through huggingface_hub's
 `ModelCardData`).
 """
@@ -20,18 +22,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .compare.stats import speedup, table_rows
-from .data import describe_data, known_dataset
+from .compare.stats import METHODS, speedup, table_rows
+from .data import known_dataset
 from .naming import (LOCAL_MODEL_PREFIXES, TRACT_BIBTEX, TRACT_PAPER_ID, hub_repo_id, split_model_name_tag,
                      tract_base_arch, twin_name)
-from .rundir import RunInfo, history_row
+from .rundir import DataFacts, RunInfo, history_row
 
-__all__ = ['CardInputs', 'CardModel', 'model_card', 'model_stats', 'training_command', 'render_model_card', 'public_args',
-           'dataset_names', 'eval_split', 'results_rows', 'comparison_section', 'TEMPLATE_DIR']
+__all__ = ['CardInputs', 'CardModel', 'card_inputs', 'model_card', 'model_stats', 'training_command',
+           'render_model_card', 'public_args', 'public_name', 'dataset_names', 'eval_split', 'results_rows',
+           'comparison_section', 'comparison_plot', 'eval_results', 'TEMPLATE_DIR']
 
 # installed wheel: packaged as timm_tract/model_cards; source checkout / editable install: model_cards/ at the top
 _PACKAGED_TEMPLATES = Path(__file__).resolve().parent / 'model_cards'
-TEMPLATE_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else Path(__file__).resolve().parent.parent / 'model_cards'
+TEMPLATE_DIR = (_PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir()
+                else Path(__file__).resolve().parent.parent / 'model_cards')
 
 _TIMM_BIBTEX = """@misc{rw2019timm,
   author = {Ross Wightman},
@@ -55,69 +59,90 @@ _PATH_PLACEHOLDERS = {
 }
 
 _SAFE_TEXT = re.compile(r'^[\w.+\-/ ()]{1,100}$')  # labels and names taken from files: plain words only
+# a local path inside a longer value ("file=/home/u/x", "(~/data, ./w.pth)"): at the start or after a separator
+_EMBEDDED_PATH = re.compile(r"""(?:^|(?<=[\s=:,;'"(\[{]))(?:~|\.{1,2})?/(?!/)[^\s'",;)\]}]*""")
+
+
+def _is_local_path(text: str) -> bool:
+    return (os.path.isabs(text) or text.startswith(('~', './', '../', '.\\', '..\\'))
+            or bool(re.match(r'^[A-Za-z]:[\\/]', text)))
+
+
+def _public_text(text: str) -> str:
+    """A string fit for publishing: a local path (also a `local-dir:`/`file:` model name, or a path inside a longer
+    value such as `file=/home/u/w.pth`) becomes a placeholder."""
+    if text.startswith(LOCAL_MODEL_PREFIXES):
+        return text.split(':', 1)[0] + ':<MODEL_DIR>'
+    if _is_local_path(text):
+        return '<PATH>'
+    return _EMBEDDED_PATH.sub('<PATH>', text)
 
 
 def _public_value(key: str, value: Any) -> Any:
-    """A recipe value fit for publishing: local paths become placeholders."""
+    """A recipe value fit for publishing, at every depth (dicts and lists such as `--model-kwargs
+    pretrained_cfg_overlay={'file': ...}`): path-valued arguments and local paths become placeholders."""
+    if isinstance(value, Mapping):
+        return {k: _public_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_public_value(key, v) for v in value)
     if not isinstance(value, str) or not value:
         return value
     if key in _PATH_PLACEHOLDERS:
         return _PATH_PLACEHOLDERS[key]
-    if value.startswith(LOCAL_MODEL_PREFIXES):
-        return value.split(':', 1)[0] + ':<MODEL_DIR>'
-    if os.path.isabs(value) or value.startswith('~'):
-        return '<PATH>'
-    return value
+    return _public_text(value)
 
 
 def public_args(args: Mapping[str, Any]) -> Dict[str, Any]:
-    """The run's args with every local path replaced by a placeholder (`data_dir: <DATA_DIR>`): what is published as
-    `train_hparams.yaml`."""
+    """The run's args with every local path, at every depth, replaced by a placeholder (`data_dir: <DATA_DIR>`): what
+    is published as `train_hparams.yaml`."""
     return {k: _public_value(k, v) for k, v in args.items()}
 
 
-def _safe_text(value: Any) -> Optional[str]:
-    return value if isinstance(value, str) and _SAFE_TEXT.match(value) else None
+def public_name(value: Any) -> Optional[str]:
+    """`value` when it is a short plain name fit for a published text or picture (words, '.', '-', '/', no local
+    path); None otherwise."""
+    if not isinstance(value, str) or not _SAFE_TEXT.match(value) or _public_text(value) != value:
+        return None
+    return value
 
 
-def _described_data(args: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """`timm_tract.data.describe_data` of the run's data folder (a data set timm-tract prepared), else None."""
-    data_dir = args.get('data_dir')
-    return describe_data(data_dir) if isinstance(data_dir, str) and data_dir else None
-
-
-def dataset_names(args: Mapping[str, Any], name: Optional[str] = None,
-                  dataset_id: Optional[str] = None) -> Tuple[str, Optional[str]]:
+def dataset_names(args: Mapping[str, Any], name: Optional[str] = None, dataset_id: Optional[str] = None,
+                  facts: Optional[DataFacts] = None) -> Tuple[str, Optional[str]]:
     """(display name, Hub data set id) of the run's data: `name`/`dataset_id` when given, else a known timm data set,
-    `hfds/<id>`, a data set prepared by `timm-tract data` (its real name; a development split says so), else the data
-    folder's name."""
+    `hfds/<id>`, the data set recorded at training time in the run's `data_facts.json` (a data set `timm-tract data`
+    prepared: its real name; a development split says so), else the data folder's name. Reads no file."""
     ds = str(args.get('dataset') or '')
-    facts = known_dataset(ds) if ds else None
-    known_name, known_id = (facts.display_name, facts.hub_id) if facts else (None, None)
+    known = known_dataset(ds) if ds else None
+    known_name, known_id = (known.display_name, known.hub_id) if known else (None, None)
     if ds.startswith(('hfds/', 'hfids/')):
-        known_name = known_id = ds.split('/', 1)[1]
-    described = _described_data(args)
-    if described is not None:
-        known_name = known_name or _safe_text(described.get('name'))
-        known_id = known_id or _safe_text(described.get('hub_id'))
-        if described.get('subset') and known_name:
+        known_name = known_id = public_name(ds.split('/', 1)[1])
+    if facts is not None:
+        known_name = known_name or public_name(facts.name)
+        known_id = known_id or public_name(facts.hub_id)
+        if facts.subset and known_name:
             known_name += ' (a development split of its training set)'
     data_dir = args.get('data_dir')
     if known_name is None and isinstance(data_dir, str) and data_dir:
-        known_name = Path(data_dir).name
-    return name or known_name or ds or 'unknown', dataset_id or known_id
+        known_name = public_name(Path(data_dir).name)
+    return name or known_name or public_name(ds) or 'unknown', dataset_id or known_id
 
 
-def eval_split(args: Mapping[str, Any]) -> str:
+def eval_split(args: Mapping[str, Any], facts: Optional[DataFacts] = None) -> str:
     """The split the run's validation metrics are from: torch/* data sets evaluate on the official test split
     (timm reads any non-train split of them as `train=False`); a development split holds out part of train."""
     split = str(args.get('val_split') or 'validation')
-    described = _described_data(args)
-    if described is not None and described.get('subset'):
+    if facts is not None and facts.subset:
         return 'train (held-out part)'
     if str(args.get('dataset') or '').startswith('torch/') and split not in ('train', 'training'):
         return 'test'
-    return split
+    return public_name(split) or 'validation'
+
+
+def _finite(value: Any) -> Optional[float]:
+    """A metric fit for publishing: a finite number, else None (NaN is never published)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _format_number(value: Optional[float]) -> str:
@@ -136,6 +161,11 @@ def results_rows(history: Sequence[Mapping[str, Optional[float]]], limit: int = 
     return rows
 
 
+def _method_labels(report: Mapping[str, Any]) -> Dict[str, str]:
+    return {'baseline': public_name(report.get('baseline_label')) or 'baseline',
+            'tract': public_name(report.get('tract_label')) or 'TrAct'}
+
+
 def comparison_section(report: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     """Card section from a `timm-tract compare` report: the top-1 table (mean ± std over seeds) and the speed-up,
     both rendered here from the report's type-checked numbers; entries of the wrong type are left out."""
@@ -150,8 +180,7 @@ def comparison_section(report: Optional[Mapping[str, Any]]) -> Optional[Dict[str
     if seeds:
         summary += (f" Baseline and TrAct were trained with the same recipe and data order, seeds "
                     f"{', '.join(map(str, seeds))}.")
-    labels = {'baseline': _safe_text(report.get('baseline_label')) or 'baseline',
-              'tract': _safe_text(report.get('tract_label')) or 'TrAct'}
+    labels = _method_labels(report)
     return {'summary': summary, 'columns': ['method', 'epochs', 'seeds', 'top-1 (%)'],
             'rows': [[labels[r.method], str(r.epochs), str(r.n), f"{r.mean:.2f} ± {r.std:.2f}"] for r in rows]}
 
@@ -263,7 +292,8 @@ def training_command(args: Mapping[str, Any], flags: Optional[Mapping[str, argpa
         else:
             if _same(value, action.default):
                 continue
-            flag = max((o for o in action.option_strings if o.startswith('--')), key=len, default=action.option_strings[0])
+            flag = max((o for o in action.option_strings if o.startswith('--')), key=len,
+                       default=action.option_strings[0])
             if action.nargs == 0:  # store_true / store_false / store_const
                 if value == action.const:
                     parts.append(flag)
@@ -294,10 +324,11 @@ def _front_matter(info: CardInputs) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     dataset_type = info.dataset_id or info.dataset_name
-    eval_results = []
-    for metric, name, value in (('accuracy', 'Top-1 Accuracy', info.top1), ('top_5_accuracy', 'Top-5 Accuracy', info.top5)):
+    entries = []  # finite metrics only (CardInputs holds None for a NaN)
+    for metric, name, value in (('accuracy', 'Top-1 Accuracy', info.top1),
+                                ('top_5_accuracy', 'Top-5 Accuracy', info.top5)):
         if value is not None:
-            eval_results.append(EvalResult(
+            entries.append(EvalResult(
                 task_type='image-classification', dataset_type=dataset_type, dataset_name=info.dataset_name,
                 dataset_split=info.dataset_split, metric_type=metric, metric_name=name, metric_value=round(value, 3)))
     data = ModelCardData(
@@ -308,7 +339,7 @@ def _front_matter(info: CardInputs) -> str:
         datasets=[info.dataset_id] if info.dataset_id else None,
         base_model=info.base_model,
         model_name=info.repo_id.split('/')[-1],
-        eval_results=eval_results or None,
+        eval_results=entries or None,
     )
     return data.to_yaml()
 
@@ -402,6 +433,34 @@ def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
     return True
 
 
+def card_inputs(run: RunInfo, weights: CardModel, repo_id: str, *, license: str = 'apache-2.0',
+                dataset_name: Optional[str] = None, dataset_id: Optional[str] = None, base_model: Optional[str] = None,
+                plot_file: Optional[str] = None, model_args: Optional[Mapping[str, Any]] = None,
+                model_kwargs: Optional[Mapping[str, Any]] = None) -> CardInputs:
+    """What the card of a published run states (`CardInputs`), computed from the run (args, history, recorded data
+    facts, compare report) and the loaded weights; reads no file. Arguments as `model_card`."""
+    ds_name, ds_id = dataset_names(run.args, dataset_name, dataset_id, run.data_facts)
+    row = history_row(run.history, weights.epoch)
+    model_args = dict(model_args or {})
+    return CardInputs(
+        repo_id=repo_id, base_arch=weights.base, tract_arch=twin_name(weights.base),
+        num_classes=weights.model.num_classes, img_size=tuple(weights.data_config['input_size'][1:]),
+        stats=model_stats(weights.model, weights.data_config['input_size']), tract_lambda=weights.tract['lambda'],
+        tract_layer=weights.layer, tract_lambda_mode=weights.tract.get('lambda_mode', 'absolute'),
+        train_command=training_command(run.args), license=license, label_names=weights.label_names,
+        model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
+                    or (k == 'in_chans' and v != 3)},
+        dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args, run.data_facts),
+        base_model=base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=weights.epoch,
+        epochs=run.args.get('epochs'), ema=weights.ema,
+        top1=_finite(row['eval_top1']) if row else _finite(weights.metric),
+        top5=_finite(row['eval_top5']) if row else None, results=results_rows(run.history),
+        comparison=comparison_section(run.report), plot_file=plot_file,
+        features_only=_supports_features(weights.base, dict(model_kwargs or {})),
+        num_features=weights.model.num_features, in_chans=int(weights.data_config['input_size'][0]),
+    )
+
+
 def model_card(run: RunInfo, weights: CardModel, repo_id: str, *, license: str = 'apache-2.0',
                dataset_name: Optional[str] = None, dataset_id: Optional[str] = None, base_model: Optional[str] = None,
                plot_file: Optional[str] = None, model_args: Optional[Mapping[str, Any]] = None,
@@ -411,24 +470,61 @@ def model_card(run: RunInfo, weights: CardModel, repo_id: str, *, license: str =
 
     `model_args` are the `model_args` of the published config.json; `model_kwargs` the create_model kwargs of the
     base architecture (used to tell whether it supports `features_only`)."""
-    ds_name, ds_id = dataset_names(run.args, dataset_name, dataset_id)
-    row = history_row(run.history, weights.epoch)
-    model_args = dict(model_args or {})
-    info = CardInputs(
-        repo_id=repo_id, base_arch=weights.base, tract_arch=twin_name(weights.base),
-        num_classes=weights.model.num_classes, img_size=tuple(weights.data_config['input_size'][1:]),
-        stats=model_stats(weights.model, weights.data_config['input_size']), tract_lambda=weights.tract['lambda'],
-        tract_layer=weights.layer, tract_lambda_mode=weights.tract.get('lambda_mode', 'absolute'),
-        train_command=training_command(run.args), license=license,
-        label_names=weights.label_names,
-        model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
-                    or (k == 'in_chans' and v != 3)},
-        dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args),
-        base_model=base_model or _base_model_id(run.args), checkpoint=run.checkpoint_kind, epoch=weights.epoch,
-        epochs=run.args.get('epochs'), ema=weights.ema, top1=row['eval_top1'] if row else weights.metric,
-        top5=row['eval_top5'] if row else None, results=results_rows(run.history),
-        comparison=comparison_section(run.report), plot_file=plot_file,
-        features_only=_supports_features(weights.base, dict(model_kwargs or {})),
-        num_features=weights.model.num_features, in_chans=int(weights.data_config['input_size'][0]),
-    )
+    info = card_inputs(run, weights, repo_id, license=license, dataset_name=dataset_name, dataset_id=dataset_id,
+                       base_model=base_model, plot_file=plot_file, model_args=model_args, model_kwargs=model_kwargs)
     return render_model_card(info, template_dir)
+
+
+def eval_results(info: CardInputs) -> Optional[Tuple[str, str]]:
+    """(path in the repo, YAML text) of the `.eval_results/<data set>.yaml` file the Hub reads evaluation results
+    from (huggingface_hub's `EvalResultEntry` schema): the published weights' top-1 accuracy (%) on the data set's Hub
+    id. None when the data set has no Hub id or the run recorded no finite top-1 (the card's `model-index` then
+    holds what there is)."""
+    import yaml
+    from huggingface_hub import EvalResultEntry, eval_result_entries_to_yaml
+    from huggingface_hub.constants import EVAL_RESULTS_FOLDER
+
+    if not info.dataset_id or info.top1 is None:
+        return None
+    entry = EvalResultEntry(
+        dataset_id=info.dataset_id, task_id='default', value=round(info.top1, 3),
+        notes=f'top-1 accuracy (%) on the {info.dataset_split} split; {info.base_arch} with a TrAct first layer '
+              f'(λ = {info.tract_lambda})')
+    name = re.sub(r'[^\w.-]', '_', info.dataset_id.split('/')[-1])
+    return (f'{EVAL_RESULTS_FOLDER}/{name}.yaml',
+            yaml.safe_dump(eval_result_entries_to_yaml([entry]), sort_keys=False, allow_unicode=True))
+
+
+def _curve(c: Any) -> Optional[Dict[str, Any]]:
+    """A well-formed curve of a compare report (method, budget, per-epoch mean and std of finite numbers)."""
+    if not isinstance(c, Mapping) or c.get('method') not in METHODS:
+        return None
+    epochs, mean, std = c.get('epochs'), c.get('mean'), c.get('std')
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not isinstance(mean, list) \
+            or not isinstance(std, list) or len(mean) != len(std) or not mean:
+        return None
+    if any(_finite(v) is None for v in mean + std):
+        return None
+    return {'method': c['method'], 'epochs': epochs, 'mean': [float(v) for v in mean], 'std': [float(v) for v in std]}
+
+
+def comparison_plot(report: Optional[Mapping[str, Any]], dataset_name: str, path: Path) -> bool:
+    """Render the card's accuracy plot (PNG at `path`) from a compare report's type-checked numbers and public names
+    only: the title names the data set by `dataset_name`, never by a path; no picture from a file is copied.
+    False (nothing written) when the report has no usable table."""
+    from .compare.report import plot_report
+
+    rows = table_rows(report or {})
+    if not rows:
+        return False
+    table = [dataclasses.asdict(r) for r in rows]
+    try:
+        best = speedup(table)
+    except (ValueError, KeyError):
+        return False
+    seeds = [s for s in (report.get('seeds') or []) if isinstance(s, int) and not isinstance(s, bool)]
+    labels = _method_labels(report)
+    plot_report({'baseline_label': labels['baseline'], 'tract_label': labels['tract'], 'data': dataset_name,
+                 'table': table, 'curves': [c for c in map(_curve, report.get('curves') or []) if c is not None],
+                 'speedup': best, 'seeds': seeds}, str(path))
+    return True

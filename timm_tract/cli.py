@@ -136,10 +136,10 @@ def _run_publish(args: argparse.Namespace) -> int:
     result = publish(args.run_dir, args.repo_id, options, dry_run=args.dry_run, output_dir=args.output_dir)
     if result.folder is not None:
         print(result.folder)
-        print(f"load it with: timm.create_model('local-dir:{result.folder}', pretrained=True)", file=sys.stderr)
+        print(f"load it with: timm.create_model('{result.load_name}', pretrained=True)", file=sys.stderr)
     else:
         print(result.pr_url or result.commit_url)
-        print(f"load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True)", file=sys.stderr)
+        print(f"load it with: timm.create_model('{result.load_name}', pretrained=True)", file=sys.stderr)
         print('to register it as a pretrained tag, add this entry to timm_tract/published.json:\n'
               + json.dumps(result.manifest_entry), file=sys.stderr)
     return 0

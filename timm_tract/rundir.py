@@ -9,6 +9,13 @@ and so does every tool that reads a train.py run:
     last.pth.tar           the latest checkpoint (timm's CheckpointSaver format), replaced atomically
     model_best.pth.tar     the best checkpoint by the eval metric
     checkpoint-<epoch>.pth.tar  the retained history
+    data_facts.json        what publishing needs to know of the data, recorded by `timm-tract train`: the label
+                           names (index order) and, for a data set timm-tract prepared, its real name, Hub id and
+                           subset
+
+Reading a finished run (`read_run`, for publishing) reads only files inside the run directory (and `report.json` of
+the compare directory that produced it): a file or folder reached through a symbolic link that leaves it is refused
+with a `RunDirError` naming the link, before anything of it is read.
 
 The directory of `timm-tract compare` (its layout is defined here too):
 
@@ -19,17 +26,20 @@ The directory of `timm-tract compare` (its layout is defined here too):
 import csv
 import dataclasses
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import RunDirError
 
 __all__ = [
     'ARGS_FILE', 'SUMMARY_FILE', 'LAST_CHECKPOINT', 'BEST_CHECKPOINT', 'TEMP_CHECKPOINT', 'SUMMARY_FIELDS',
     'read_args', 'write_args', 'read_history', 'history_row', 'resumable_checkpoint', 'remove_checkpoints',
-    'RunInfo', 'read_run', 'find_compare_report', 'find_plot', 'is_png', 'load_weights',
+    'RunInfo', 'read_run', 'find_compare_report', 'load_weights',
     'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'compare_run_name',
+    'DATA_FACTS_FILE', 'DataFacts', 'write_data_facts', 'read_data_facts', 'dataset_label_names', 'contained',
 ]
 
 PathLike = Union[str, Path]
@@ -39,6 +49,7 @@ SUMMARY_FILE = 'summary.csv'
 LAST_CHECKPOINT = 'last.pth.tar'
 BEST_CHECKPOINT = 'model_best.pth.tar'
 TEMP_CHECKPOINT = 'tmp.pth.tar'  # CheckpointSaver writes here, then renames over last.pth.tar
+DATA_FACTS_FILE = 'data_facts.json'
 SUMMARY_FIELDS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
 _CHECKPOINT_GLOBS = (LAST_CHECKPOINT, BEST_CHECKPOINT, 'checkpoint-*.pth.tar')
 _EPOCH_CHECKPOINT = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
@@ -54,11 +65,25 @@ def compare_run_name(method: str, budget: int, seed: int) -> str:
     return f'{method}-e{budget}-s{seed}'
 
 
+def contained(path: PathLike, base: PathLike) -> Path:
+    """`path` resolved, when it lies inside `base` (both resolved: symbolic links followed); RunDirError naming the
+    link otherwise. Call before reading anything of `path`, and read the returned path."""
+    path, base = Path(path), Path(base).resolve()
+    resolved = path.resolve()
+    if resolved == base or base in resolved.parents:
+        return resolved
+    link = next((p for p in [path, *path.parents] if p.is_symlink()), path)
+    raise RunDirError(f'{link} is a symbolic link to {link.resolve()}, outside {base}; nothing reached through a link '
+                      f'out of the run directory is read or published: replace the link with a copy of what it names')
+
+
 def read_args(run_dir: PathLike) -> Tuple[Dict[str, Any], str]:
     """(args, raw text) of `run_dir/args.yaml`; RunDirError when missing, not YAML, or not a mapping."""
     import yaml
 
     path = Path(run_dir) / ARGS_FILE
+    if os.path.lexists(path):
+        path = contained(path, run_dir)
     if not path.is_file():
         raise RunDirError(
             f'{run_dir} has no {ARGS_FILE}: pass the output directory of timm-tract train or timm\'s train.py '
@@ -88,12 +113,15 @@ def _number(value: Optional[str], path: Path, line: int) -> Optional[float]:
     try:
         return float(value)
     except ValueError:
-        raise RunDirError(f'{path} line {line}: {value!r} is not a number; fix or restore the file') from None
+        raise RunDirError(f'{path} line {line}: {value[:40]!r} is not a number; fix or restore the file') from None
 
 
 def read_history(run_dir: PathLike) -> List[Dict[str, Optional[float]]]:
     """Rows of `summary.csv` as numbers ('epoch' an int, missing values None); [] when the run has none yet."""
     path = Path(run_dir) / SUMMARY_FILE
+    if not os.path.lexists(path):
+        return []
+    path = contained(path, run_dir)
     if not path.is_file():
         return []
     with open(path, newline='') as f:
@@ -131,16 +159,90 @@ def remove_checkpoints(run_dir: PathLike) -> None:
             path.unlink()
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What publishing needs to know of a run's data, recorded at training time (`data_facts.json`): the label names
+    in index order (None: the data did not name its classes), and for a data set timm-tract prepared its real name,
+    Hub data set id and development subset (None otherwise)."""
+    label_names: Optional[Tuple[str, ...]] = None
+    name: Optional[str] = None
+    hub_id: Optional[str] = None
+    subset: Optional[Dict[str, Any]] = None
+
+
+def dataset_label_names(dataset: Any) -> Optional[List[str]]:
+    """Class names in label-index order of a timm or torchvision dataset (its reader's `class_to_idx`, which a
+    `--class-map` sets, else `classes`); None when it does not name its classes."""
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+    if isinstance(class_to_idx, Mapping) and class_to_idx:
+        by_index = sorted((int(i), str(n)) for n, i in class_to_idx.items())
+        if [i for i, _ in by_index] == list(range(len(by_index))):
+            return [n for _, n in by_index]
+        return None
+    classes = getattr(dataset, 'classes', None)
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
+
+
+def write_data_facts(run_dir: PathLike, label_names: Optional[Sequence[str]],
+                     described: Optional[Mapping[str, Any]] = None) -> None:
+    """Write `data_facts.json` (atomically): the label names and, from `timm_tract.data.describe_data` of a data set
+    timm-tract prepared, its name, Hub id and subset. `timm-tract train` calls it when it opens the run directory."""
+    described = described or {}
+    facts = {'version': 1, 'label_names': list(label_names) if label_names else None,
+             'dataset': {k: described.get(k) for k in ('name', 'hub_id', 'subset')} if described else None}
+    path = Path(run_dir) / DATA_FACTS_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f'.{DATA_FACTS_FILE}.', dir=str(run_dir))
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(facts, f, indent=1)  # ensure_ascii: a folder name that is not UTF-8 stays readable here
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _optional_text(value: Any, path: Path, key: str) -> Optional[str]:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise RunDirError(f'{path}: {key} must be a string or null; fix the file or remove it')
+
+
+def read_data_facts(run_dir: PathLike) -> Optional[DataFacts]:
+    """The run's `data_facts.json` as `DataFacts`, None for a run that has none (written before timm-tract recorded
+    it); RunDirError for a damaged file or a link out of the run."""
+    path = Path(run_dir) / DATA_FACTS_FILE
+    if not os.path.lexists(path):
+        return None
+    path = contained(path, run_dir)
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f'{path} is not valid JSON ({type(e).__name__}); remove it (the run then publishes without '
+                          f'label names unless --label-names is given)') from None
+    names = facts.get('label_names') if isinstance(facts, dict) else None
+    dataset = facts.get('dataset') if isinstance(facts, dict) else None
+    if not isinstance(facts, dict) or not (names is None or isinstance(names, list) and all(
+            isinstance(n, str) and n for n in names)) or not isinstance(dataset, (dict, type(None))):
+        raise RunDirError(f'{path} is not a timm-tract data facts file (label_names: a list of names, dataset: an '
+                          f'object); remove it or fix it')
+    dataset = dataset or {}
+    subset = dataset.get('subset')
+    return DataFacts(label_names=tuple(names) if names else None,
+                     name=_optional_text(dataset.get('name'), path, 'dataset.name'),
+                     hub_id=_optional_text(dataset.get('hub_id'), path, 'dataset.hub_id'),
+                     subset=subset if isinstance(subset, dict) and subset else None)
+
+
 # --- reading a finished run (publishing, model cards) --------------------------------------------------------------
 
 _CHECKPOINT_CHOICES = {'best': BEST_CHECKPOINT, 'last': LAST_CHECKPOINT}
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 @dataclasses.dataclass
 class RunInfo:
-    """What a run directory holds: its args, per-epoch results, the chosen checkpoint, and (for a run of
-    `timm-tract compare`) the comparison report and its plot, read only where they belong to this run."""
+    """What a run directory holds: its args, per-epoch results, the chosen checkpoint, the recorded data facts, and
+    (for a run of `timm-tract compare`) the comparison report, read only where it belongs to this run."""
     run_dir: Path
     args: Dict[str, Any]
     args_text: str
@@ -148,20 +250,24 @@ class RunInfo:
     checkpoint_path: Path
     checkpoint_kind: str
     report: Optional[Dict[str, Any]] = None
-    plot: Optional[Path] = None
+    data_facts: Optional[DataFacts] = None
 
 
 def _checkpoint(run_dir: Path, checkpoint: str) -> Tuple[Path, str]:
+    """The checkpoint file: 'best'/'last' or a name inside the run (which must stay inside it), else a path the
+    user names explicitly (read where it is)."""
     if checkpoint in _CHECKPOINT_CHOICES:
         path = run_dir / _CHECKPOINT_CHOICES[checkpoint]
-        if not path.is_file():
+        if not os.path.lexists(path):
             others = sorted(p.name for p in run_dir.glob('*.pth.tar'))
             raise RunDirError(f'{run_dir} has no {path.name}; available checkpoints: {others or "none"}; '
                               f'use --checkpoint last|best|PATH')
-        return path, checkpoint
+        return contained(path, run_dir), checkpoint
     path = Path(checkpoint)
-    if not path.is_absolute() and not path.exists():
+    if not path.is_absolute() and not os.path.lexists(path):
         path = run_dir / checkpoint
+        if os.path.lexists(path):
+            path = contained(path, run_dir)
     if not path.is_file():
         raise RunDirError(f'checkpoint {checkpoint} not found (also looked in {run_dir})')
     return path, path.name
@@ -170,9 +276,9 @@ def _checkpoint(run_dir: Path, checkpoint: str) -> Tuple[Path, str]:
 def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
     """Read a train.py-layout run; `checkpoint` is 'best', 'last' or a path to a `.pth.tar`/safetensors file.
 
-    Reads only files inside `run_dir` (and the given checkpoint), plus `report.json` and its PNG plot from the
-    `timm-tract compare` directory that produced the run, verified: the run must sit in its `runs/` folder and be
-    listed by the report."""
+    Reads only files inside `run_dir` (a link out of it is refused, see `contained`), the checkpoint the user names
+    by path, and `report.json` of the `timm-tract compare` directory that produced the run, verified: the run must
+    sit in its `runs/` folder and be listed by the report."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f'run directory {run_dir} does not exist')
@@ -180,9 +286,8 @@ def read_run(run_dir: PathLike, checkpoint: str = 'best') -> RunInfo:
     if not args.get('model') or not isinstance(args['model'], str):
         raise RunDirError(f'{run_dir / ARGS_FILE} does not name a model (no `model:` entry)')
     ckpt_path, kind = _checkpoint(run_dir, checkpoint)
-    report, report_dir = find_compare_report(run_dir)
-    return RunInfo(run_dir, args, text, read_history(run_dir), ckpt_path, kind, report,
-                   find_plot(run_dir, report_dir))
+    report, _ = find_compare_report(run_dir)
+    return RunInfo(run_dir, args, text, read_history(run_dir), ckpt_path, kind, report, read_data_facts(run_dir))
 
 
 def _lists_run(report: Dict[str, Any], run_dir: Path) -> bool:
@@ -196,52 +301,26 @@ def find_compare_report(run_dir: PathLike) -> Tuple[Optional[Dict[str, Any]], Op
     """(report, its directory) of the `timm-tract compare` run that produced `run_dir`, or (None, None).
 
     Looks in the run directory itself and in `<compare dir>` when the run is `<compare dir>/runs/<name>`; a report
-    there that does not list this run is ignored (it belongs to other runs)."""
+    there that does not list this run is ignored (it belongs to other runs), a report reached through a link out of
+    its directory is refused."""
     run_dir = Path(run_dir)
     places = [run_dir] + ([run_dir.parent.parent] if run_dir.parent.name == COMPARE_RUNS else [])
     for place in places:
         path = place / COMPARE_REPORT
+        if not os.path.lexists(path):
+            continue
+        path = contained(path, place)
         if not path.is_file():
             continue
         try:
             report = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise RunDirError(f'{path} is not valid JSON ({e}); fix or remove it') from None
+            raise RunDirError(f'{path} is not valid JSON ({type(e).__name__}); fix or remove it') from None
         if not isinstance(report, dict):
             raise RunDirError(f'{path} is not a compare report (a JSON object); fix or remove it')
         if place == run_dir or _lists_run(report, run_dir):
             return report, place
     return None, None
-
-
-def _inside(path: Path, base: Path) -> bool:
-    try:
-        path.resolve().relative_to(base.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def is_png(path: PathLike) -> bool:
-    """A regular file that starts with the PNG signature."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, 'rb') as f:
-        return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
-
-
-def find_plot(run_dir: PathLike, report_dir: Optional[PathLike] = None) -> Optional[Path]:
-    """The accuracy plot: a real PNG directly inside the compare directory (compare.png), else inside the run
-    directory; never a path named in a file, never a link out of those directories."""
-    for place in (report_dir, run_dir):
-        if place is None:
-            continue
-        place = Path(place)
-        for path in sorted(place.glob('*.png')):
-            if _inside(path, place) and is_png(path):
-                return path
-    return None
 
 
 def load_weights(path: PathLike, use_ema: bool = True) -> Tuple[Dict[str, Any], Dict[str, Any], bool]:

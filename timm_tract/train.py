@@ -671,8 +671,9 @@ def _build_run(args: argparse.Namespace) -> _Run:
 
 def _open_output(run: _Run) -> bool:
     """Create the run directory (rank 0), restore the saver's history when resuming into it, drop summary rows of
-    epochs that run again, write args.yaml. Returns whether the directory was created here."""
+    epochs that run again, write args.yaml and data_facts.json. Returns whether the directory was created here."""
     from timm.utils import trim_summary
+    from .data import describe_data
     args, out = run.args, run.output_dir
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
@@ -681,6 +682,7 @@ def _open_output(run: _Run) -> bool:
         run.saver.load_state_dict_from_checkpoint(args.resume)
     trim_summary(os.path.join(out, rundir.SUMMARY_FILE), run.start_epoch)
     rundir.write_args(out, vars(args))
+    rundir.write_data_facts(out, rundir.dataset_label_names(run.loader_train.dataset), describe_data(args.data_dir))
     _logger.info(f'{args.model} / {args.opt}: {run.num_epochs} epochs from {run.start_epoch}, lr {args.lr:.4g}, '
                  f'{args.world_size} process(es), input {run.data_config["input_size"]}, mean '
                  f'{tuple(round(v, 4) for v in run.data_config["mean"])}, std '

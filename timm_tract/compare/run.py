@@ -116,7 +116,7 @@ def _twin(args: argparse.Namespace) -> Dict[str, dict]:
 def _resolve_data(args: argparse.Namespace) -> str:
     """Fill in the embedded data set when no data is given, and --num-classes from an ImageFolder's class folders;
     returns a label for the report."""
-    from ..data import describe_data
+    from ..data import describe_data, known_dataset
 
     if args.data_dir or args.dataset:
         train_dir = Path(args.data_dir or '') / args.train_split
@@ -126,7 +126,9 @@ def _resolve_data(args: argparse.Namespace) -> str:
         if known is not None:
             return known['name'] + (f" (subset: train = {known['subset']['train']}, validation = "
                                     f"{known['subset']['validation']})" if known.get('subset') else '')
-        return args.dataset or args.data_dir
+        facts = known_dataset(args.dataset) if args.dataset else None
+        # a public name only (it titles the plot that publish shows): never the --data-dir path
+        return facts.display_name if facts else args.dataset or Path(args.data_dir).name
     from ..data import ensure_data, read_manifest
 
     root = ensure_data()
