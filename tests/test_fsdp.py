@@ -1,0 +1,156 @@
+""" FSDP2 (`fully_shard`) with 2 gloo processes on CPU: `create_optimizer_v2(model, 'tract-*')` after sharding the
+blocks, then the root (ResNet and ViT, with and without `tract_sync_gram`), checked in float64 against the DDP /
+full-batch reference computed here in one process from the TrAct formula. """
+import functools
+import os
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+WORLD = 2
+LR = 0.1
+LAMBDA = 0.1
+CASES = [('resnet10t', False), ('resnet10t', True), ('vit_tiny_patch16_224', False), ('vit_tiny_patch16_224', True)]
+
+
+def _model(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    narrow = {'img_size': 32, 'depth': 2, 'embed_dim': 64, 'num_heads': 2} if arch.startswith('vit') else \
+        {'stem_width': 16, 'channels': (16, 32, 64, 64)}
+    return timm.create_model(arch, num_classes=3, **narrow).double()
+
+
+def _blocks(model: nn.Module):
+    if hasattr(model, 'blocks'):
+        return list(model.blocks)
+    return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+
+
+def _batch(rank: int):
+    """Rank `rank`'s half of one batch of 4 images (32 px, float64)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 + 0.5
+    y = torch.randint(0, 3, (4,), generator=g)
+    sl = slice(rank * 2, rank * 2 + 2)
+    return x[sl], y[sl]
+
+
+def _sharded_step(arch: str, sync_gram: bool, rank: int, mesh):
+    from timm.optim import create_optimizer_v2
+    from torch.distributed.fsdp import fully_shard
+    model = _model(arch)
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = create_optimizer_v2(model, 'tract-momentum', lr=LR, momentum=0.9, tract_sync_gram=sync_gram)
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    opt.step()
+    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    stem = model.get_submodule(model.pretrained_cfg['first_conv'])
+    return {'grads': grads, 'weights': weights, 'stem': (type(stem).__name__, stem.sync_gram)}
+
+
+def _stem_sharded_alone(mesh) -> dict:
+    from timm.optim import create_optimizer_v2
+    from torch.distributed.fsdp import fully_shard
+    from timm_tract.errors import TrActArgumentError
+    model = _model('resnet10t')
+    fully_shard(model.conv1[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        create_optimizer_v2(model, 'tract-sgd', lr=LR)
+    except TrActArgumentError as e:
+        return {'error': str(e), 'stem': type(model.conv1[0]).__name__}
+    return {'error': None, 'stem': type(model.conv1[0]).__name__}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import timm_tract  # noqa: F401  (registers the tract-* optimizers in this process)
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh('cpu', (WORLD,))
+        out = {case: _sharded_step(*case, rank, mesh) for case in CASES}
+        out['stem_alone'] = _stem_sharded_alone(mesh)
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, 'fsdp.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def fsdp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('fsdp')
+    mp.spawn(_worker, args=(str(tmp / 'init'), str(tmp)), nprocs=WORLD, join=True)
+    return torch.load(tmp / 'fsdp.pt', weights_only=False)
+
+
+def _rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first layer's unfolded input patches, (N, n), in the weight's C·kh·kw order."""
+    conv = model.get_submodule(model.pretrained_cfg['first_conv'])
+    cols = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _precondition(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """grad (m, ...) · (XᵀX/N + λI)⁻¹ for rows X (N, n)."""
+    a = rows.T @ rows / rows.shape[0] + LAMBDA * torch.eye(rows.shape[1], dtype=rows.dtype)
+    return torch.linalg.solve(a, grad.reshape(grad.shape[0], -1).T).T.reshape(grad.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_rank_plain(arch: str):
+    """Each rank's plain gradients and first-layer rows, the initial weights and the first layer's weight name."""
+    plain, rows = [], []
+    for rank in range(WORLD):
+        model = _model(arch)
+        x, y = _batch(rank)
+        nn.functional.cross_entropy(model(x), y).backward()
+        plain.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        rows.append(_rows(model, x))
+    init = {n: p.detach() for n, p in _model(arch).named_parameters()}
+    return plain, rows, init, model.pretrained_cfg['first_conv'] + '.weight'
+
+
+def _reference(arch: str, sync_gram: bool):
+    """DDP semantics in one process: every gradient is the mean of the ranks' gradients; the first layer's is the
+    mean of per-rank TrAct gradients, or with sync_gram the mean plain gradient preconditioned with the full batch."""
+    plain, rows, init, stem = _per_rank_plain(arch)
+    grads = {n: sum(g[n] for g in plain) / WORLD for n in plain[0]}
+    if sync_gram:
+        grads[stem] = _precondition(grads[stem], torch.cat(rows))
+    else:
+        grads[stem] = sum(_precondition(g[stem], r) for g, r in zip(plain, rows)) / WORLD
+    weights = {n: init[n] - LR * g for n, g in grads.items()}  # first momentum step: the gradient itself
+    return grads, weights, stem
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('arch,sync_gram', CASES, ids=[f'{a}-sync{int(s)}' for a, s in CASES])
+def test_tract_optimizer_after_fully_shard_matches_the_ddp_reference(fsdp_results, arch, sync_gram):
+    got = fsdp_results[(arch, sync_gram)]
+    grads, weights, stem = _reference(arch, sync_gram)
+    assert got['stem'] == ('TrActConv2d', sync_gram)
+    assert got['grads'].keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(got['grads'][name], grads[name], rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(got['weights'][name], weights[name], rtol=1e-9, atol=1e-12, msg=name)
+    # TrAct changed the first-layer gradient (and sync_gram matters): the reference is not the plain gradient
+    other, _, _ = _reference(arch, not sync_gram)
+    assert not torch.allclose(grads[stem], other[stem], rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_a_stem_sharded_on_its_own_is_refused(fsdp_results):
+    got = fsdp_results['stem_alone']
+    assert got['error'] and 'sharded on its own' in got['error']
+    assert 'apply_tract(model) before fully_shard' in got['error']
+    assert got['stem'] == 'FSDPConv2d'  # unchanged: not turned into a TrAct layer
