@@ -122,3 +122,30 @@ def test_muon_fallback_group_keeps_the_lr_scale():
     # ViT's layer-0 decayed group held the patch-embed weight only: that group became the fallback group
     assert [layout[:3] for layout in _layout(opt)] == [layout[:3] for layout in _layout(plain)]
     assert sum(layout[3] for layout in _layout(opt)) == 1
+
+
+def test_an_earlier_schedule_freeze_is_not_undone():
+    """A plain optimizer's layer decay froze the stem (a legitimate choice); a later tract-* over other groups must not
+    take that call's record for its own: plain error, stem stays frozen."""
+    no_opt = _stem_freezing_scale('vit_tiny_patch16_224')
+    model = _model('vit_tiny_patch16_224')
+    create_optimizer_v2(model, 'adamw', layer_decay_no_opt_scale=no_opt, **OPT)
+    assert not _stem_weight(model).requires_grad
+    before = _snapshot(model)
+    with pytest.raises(TrActArgumentError, match='is not trained by this optimizer'):
+        create_optimizer_v2([p for p in model.parameters() if p.requires_grad], 'tract-adamw', lr=1e-3)
+    _assert_unchanged(model, before)
+
+
+def test_the_recorder_is_what_create_optimizer_calls_and_returns_timms_groups():
+    import timm.optim._optim_factory as factory
+    from timm.optim import param_groups_layer_decay
+    from timm_tract.optim import _install_layer_decay_recorder
+    _install_layer_decay_recorder()  # idempotent: never wraps twice
+    assert factory.param_groups_layer_decay.__wrapped__ is param_groups_layer_decay
+    a, b = _model('convnext_atto'), _model('convnext_atto')
+    recorded = factory.param_groups_layer_decay(a, layer_decay=0.5)
+    plain = param_groups_layer_decay(b, layer_decay=0.5)
+    assert [{k: v for k, v in g.items() if k != 'params'} for g in recorded] == \
+        [{k: v for k, v in g.items() if k != 'params'} for g in plain]
+    assert [len(g['params']) for g in recorded] == [len(g['params']) for g in plain]

@@ -4,17 +4,25 @@ On import, every optimizer in timm's registry gets a TrAct twin named `tract-<ba
 `tract-lamb`, ...; no `_` in the name, so `lookahead_tract-adamw` parses). Creating one:
 
 1. finds the model that owns the parameter groups (timm hands an optimizer only parameters, never the model): the
-   timm model around them (the module carrying timm's `first_conv` record, also inside a task wrapper), so a
-   head-only or parameter-subset optimizer still points at the model's stem, never at the first layer it trains;
+   timm model around them (the module carrying timm's `first_conv` record), so a head-only or parameter-subset
+   optimizer still points at the model's stem, never at the first layer it trains. Inside a timm task
+   (`timm.task`: classification, multi-label, logit / feature / token distillation) it is the student, also behind
+   `FeatureDistillationTrainableModule(student, projection)`; never a distillation teacher (parameters of a teacher
+   given to the optimizer, or of several timm models, are refused);
 2. checks everything first: λ, the layer TrAct would use (the model's TrAct layers, else the `apply_tract` rule),
-   that this optimizer trains that layer (else the documented "not trained by this optimizer" error), and builds the
-   plain `<base>` optimizer with every other keyword (so its state_dict is `<base>`'s);
+   that this optimizer trains that layer (else the documented "not trained by this optimizer" error, or, when timm's
+   layer-wise lr decay froze it below `layer_decay_no_opt_scale`, an error saying so), and builds the plain `<base>`
+   optimizer with every other keyword (so its state_dict is `<base>`'s). The Muon family (`muon`, `nmuon`,
+   `adamuon`, `nadamuon`: timm's `Muon`) gets the TrAct layer's weight in a `use_fallback=True` group of its own
+   (what timm's `fallback_list` builds, same options as its group): Newton-Schulz orthogonalization would discard
+   TrAct's preconditioning, the AdamW / NAdamW fallback keeps it;
 3. only then converts the first layer with `apply_tract`, in place and keeping the Parameter objects (the optimizer
    built in 2 keeps working), unless the model already has a TrAct layer (a `*_tract` model: never TrAct twice).
-   A failed creation leaves the model as it was.
+   A failed creation leaves the model as it was (also the `requires_grad` flags timm's layer-decay schedule had
+   cleared for these groups are given back).
 
 Keywords of the TrAct part (`--opt-kwargs tract_lambda=0.05 tract_sync_gram=True` in train.py): `tract_lambda`
-(default: the model's own λ for a TrAct model, else 0.1) and `tract_sync_gram` (all-reduce XᵀX over DDP ranks).
+(default: the model's own λ for a TrAct model, else 0.1) and `tract_sync_gram` (all-reduce XᵀX over DDP / FSDP ranks).
 
 Finding the model uses PyTorch's public global registration hooks
 (`register_module_parameter_registration_hook`, `register_module_module_registration_hook`): two weak maps,
@@ -22,9 +30,13 @@ parameter → owning module and module → parent module, filled as models are b
 ancestor of a parameter's owner that holds every parameter given to the optimizer. The hooks cost one weak-map
 insert per registered parameter / submodule (see `scripts/bench_optim_hook.py`); nothing else runs unless a
 `tract-*` optimizer is created (then, for parameters replaced after registration, e.g. by `to_empty()` of a meta-device
-model, the recorded modules are searched for their owner). Models materialized without registration (deepcopy,
-unpickling a whole model) are not tracked: build the optimizer on a model created normally, or call `apply_tract` and
-use the plain optimizer.
+model or by FSDP2's `fully_shard`, the recorded modules are searched for their owner). Models materialized without
+registration (deepcopy, unpickling a whole model) are not tracked: build the optimizer on a model created normally, or
+call `apply_tract` and use the plain optimizer.
+
+To tell a stem frozen by the layer-decay schedule from one frozen by the user, timm's `param_groups_layer_decay` is
+called through a wrapper (installed on import in `timm.optim._optim_factory`, where `create_optimizer` calls it) that
+notes which parameters the call froze; it changes nothing else.
 """
 import dataclasses
 import functools
@@ -326,6 +338,8 @@ def _check_trained(
 
 
 def _check_not_sharded_alone(name: str, base: str, layers: List[nn.Module]) -> None:
+    if not torch.distributed.is_available():
+        return
     from torch.distributed.fsdp import FSDPModule
     alone = [type(m).__name__ for m in layers if isinstance(m, FSDPModule) and not is_tract_layer(m)]
     if alone:
