@@ -39,10 +39,15 @@ def _batch(rank: int):
     return x[sl], y[sl]
 
 
-def _sharded_step(arch: str, sync_gram: bool, rank: int, mesh):
+def _sharded_step(arch: str, sync_gram: bool, rank: int, mesh, stem_alone: bool = False):
+    """One tract-momentum step after fully_shard; `stem_alone`: apply_tract first, and the stem sharded on its own."""
     from timm.optim import create_optimizer_v2
     from torch.distributed.fsdp import fully_shard
+    from timm_tract import apply_tract
     model = _model(arch)
+    if stem_alone:
+        apply_tract(model, sync_gram=sync_gram)
+        fully_shard(model.get_submodule(model.pretrained_cfg['first_conv']), mesh=mesh)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -79,6 +84,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         mesh = init_device_mesh('cpu', (WORLD,))
         out = {case: _sharded_step(*case, rank, mesh) for case in CASES}
         out['stem_alone'] = _stem_sharded_alone(mesh)
+        out['apply_first'] = _sharded_step('resnet10t', False, rank, mesh, stem_alone=True)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, 'fsdp.pt'))
     finally:
@@ -132,19 +138,26 @@ def _reference(arch: str, sync_gram: bool):
     return grads, weights, stem
 
 
+def _assert_matches_reference(got: dict, arch: str, sync_gram: bool) -> None:
+    grads, weights, _ = _reference(arch, sync_gram)
+    assert got['grads'].keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(got['grads'][name], grads[name], rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(got['weights'][name], weights[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('arch,sync_gram', CASES, ids=[f'{a}-sync{int(s)}' for a, s in CASES])
 def test_tract_optimizer_after_fully_shard_matches_the_ddp_reference(fsdp_results, arch, sync_gram):
     got = fsdp_results[(arch, sync_gram)]
-    grads, weights, stem = _reference(arch, sync_gram)
     assert got['stem'] == ('TrActConv2d', sync_gram)
-    assert got['grads'].keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(got['grads'][name], grads[name], rtol=1e-9, atol=1e-12, msg=name)
-        torch.testing.assert_close(got['weights'][name], weights[name], rtol=1e-9, atol=1e-12, msg=name)
-    # TrAct changed the first-layer gradient (and sync_gram matters): the reference is not the plain gradient
+    _assert_matches_reference(got, arch, sync_gram)
+    # the reference is neither the plain gradient nor the one of the other sync_gram setting
+    grads, _, stem = _reference(arch, sync_gram)
+    plain = sum(g[stem] for g in _per_rank_plain(arch)[0]) / WORLD
     other, _, _ = _reference(arch, not sync_gram)
+    assert not torch.allclose(grads[stem], plain, rtol=1e-4, atol=0)
     assert not torch.allclose(grads[stem], other[stem], rtol=1e-4, atol=0)
 
 
@@ -154,3 +167,12 @@ def test_a_stem_sharded_on_its_own_is_refused(fsdp_results):
     assert got['error'] and 'sharded on its own' in got['error']
     assert 'apply_tract(model) before fully_shard' in got['error']
     assert got['stem'] == 'FSDPConv2d'  # unchanged: not turned into a TrAct layer
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('one_thread')
+def test_apply_tract_before_sharding_the_stem_on_its_own(fsdp_results):
+    """The way out the refusal names: apply_tract, then fully_shard(stem); tract-* keeps that TrAct layer."""
+    got = fsdp_results['apply_first']
+    assert got['stem'] == ('FSDPTrActConv2d', False)
+    _assert_matches_reference(got, 'resnet10t', False)
