@@ -5,23 +5,22 @@ import functools
 import os
 
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from _stack_helpers import first_layer, patch_rows, random_batch, tiny_model, tract_formula
+
 WORLD = 2
 LR = 0.1
-LAMBDA = 0.1
 CASES = [('resnet10t', False), ('resnet10t', True), ('vit_tiny_patch16_224', False), ('vit_tiny_patch16_224', True)]
 
 
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
     narrow = {'img_size': 32, 'depth': 2, 'embed_dim': 64, 'num_heads': 2} if arch.startswith('vit') else \
         {'stem_width': 16, 'channels': (16, 32, 64, 64)}
-    return timm.create_model(arch, num_classes=3, **narrow).double()
+    return tiny_model(arch, **narrow).double()
 
 
 def _blocks(model: nn.Module):
@@ -32,9 +31,7 @@ def _blocks(model: nn.Module):
 
 def _batch(rank: int):
     """Rank `rank`'s half of one batch of 4 images (32 px, float64)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 + 0.5
-    y = torch.randint(0, 3, (4,), generator=g)
+    x, y = random_batch(1)
     sl = slice(rank * 2, rank * 2 + 2)
     return x[sl], y[sl]
 
@@ -47,7 +44,7 @@ def _sharded_step(arch: str, sync_gram: bool, rank: int, mesh, stem_alone: bool 
     model = _model(arch)
     if stem_alone:
         apply_tract(model, sync_gram=sync_gram)
-        fully_shard(model.get_submodule(model.pretrained_cfg['first_conv']), mesh=mesh)
+        fully_shard(first_layer(model), mesh=mesh)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -57,7 +54,7 @@ def _sharded_step(arch: str, sync_gram: bool, rank: int, mesh, stem_alone: bool 
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     opt.step()
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}
-    stem = model.get_submodule(model.pretrained_cfg['first_conv'])
+    stem = first_layer(model)
     return {'grads': grads, 'weights': weights, 'stem': (type(stem).__name__, stem.sync_gram)}
 
 
@@ -98,19 +95,6 @@ def fsdp_results(tmp_path_factory):
     return torch.load(tmp / 'fsdp.pt', weights_only=False)
 
 
-def _rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The first layer's unfolded input patches, (N, n), in the weight's C·kh·kw order."""
-    conv = model.get_submodule(model.pretrained_cfg['first_conv'])
-    cols = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _precondition(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """grad (m, ...) · (XᵀX/N + λI)⁻¹ for rows X (N, n)."""
-    a = rows.T @ rows / rows.shape[0] + LAMBDA * torch.eye(rows.shape[1], dtype=rows.dtype)
-    return torch.linalg.solve(a, grad.reshape(grad.shape[0], -1).T).T.reshape(grad.shape)
-
-
 @functools.lru_cache(maxsize=None)
 def _per_rank_plain(arch: str):
     """Each rank's plain gradients and first-layer rows, the initial weights and the first layer's weight name."""
@@ -120,7 +104,7 @@ def _per_rank_plain(arch: str):
         x, y = _batch(rank)
         nn.functional.cross_entropy(model(x), y).backward()
         plain.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        rows.append(_rows(model, x))
+        rows.append(patch_rows(first_layer(model), x))
     init = {n: p.detach() for n, p in _model(arch).named_parameters()}
     return plain, rows, init, model.pretrained_cfg['first_conv'] + '.weight'
 
@@ -131,9 +115,9 @@ def _reference(arch: str, sync_gram: bool):
     plain, rows, init, stem = _per_rank_plain(arch)
     grads = {n: sum(g[n] for g in plain) / WORLD for n in plain[0]}
     if sync_gram:
-        grads[stem] = _precondition(grads[stem], torch.cat(rows))
+        grads[stem] = tract_formula(grads[stem], torch.cat(rows))
     else:
-        grads[stem] = sum(_precondition(g[stem], r) for g, r in zip(plain, rows)) / WORLD
+        grads[stem] = sum(tract_formula(g[stem], r) for g, r in zip(plain, rows)) / WORLD
     weights = {n: init[n] - LR * g for n, g in grads.items()}  # first momentum step: the gradient itself
     return grads, weights, stem
 

@@ -2,7 +2,6 @@
 across the layer groups and keeps its group's lr scale; a stem frozen by `layer_decay_no_opt_scale` is an error that
 says so, and the failed creation leaves the model as it was. """
 import pytest
-import timm
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -12,6 +11,9 @@ import timm_tract  # noqa: F401  (registers the tract-* optimizers)
 from timm_tract import apply_tract, is_tract_layer
 from timm_tract.errors import TrActArgumentError
 
+from _stack_helpers import (
+    assert_unchanged, first_layer, group_of, random_batch, snapshot, stem_freezing_scale, tiny_model)
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 ARCHS = ['vit_tiny_patch16_224', 'convnext_atto']
@@ -19,18 +21,8 @@ OPT = dict(lr=1e-2, weight_decay=0.05, layer_decay=0.5)
 
 
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    kwargs = {'img_size': 32, 'depth': 2} if arch.startswith('vit') else {'depths': (1, 1, 1, 1)}
-    return timm.create_model(arch, num_classes=3, **kwargs).double()
-
-
-def _stem_weight(model: nn.Module) -> torch.Tensor:
-    return model.get_submodule(model.pretrained_cfg['first_conv']).weight
-
-
-def _group_of(opt: torch.optim.Optimizer, param: torch.Tensor) -> dict:
-    group, = [g for g in opt.param_groups if any(p is param for p in g['params'])]
-    return group
+    return tiny_model(arch, **({'img_size': 32, 'depth': 2} if arch.startswith('vit') else {'depths': (1, 1, 1, 1)}))\
+        .double()
 
 
 def _layout(opt: torch.optim.Optimizer):
@@ -41,23 +33,10 @@ def _layout(opt: torch.optim.Optimizer):
 def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=4, warmup_epochs=0)
     sched.step(0)  # timm's schedulers apply the groups' lr_scale
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 + 0.5
-    y = torch.randint(0, 3, (4,), generator=g)
+    x, y = random_batch(1)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-
-
-def _snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
-            [type(m) for m in model.modules()])
-
-
-def _assert_unchanged(model: nn.Module, before) -> None:
-    state, flags, types = _snapshot(model)
-    assert flags == before[1] and types == before[2]
-    assert all(torch.equal(before[0][k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -66,10 +45,9 @@ def test_tract_layer_keeps_its_layer_decay_group_and_lr_scale(arch):
     opt = create_optimizer_v2(model, 'tract-adamw', **OPT)
     ref = apply_tract(_model(arch))
     ref_opt = create_optimizer_v2(ref, 'adamw', **OPT)
-    stem = model.get_submodule(model.pretrained_cfg['first_conv'])
-    assert [m for m in model.modules() if is_tract_layer(m)] == [stem]
+    assert [m for m in model.modules() if is_tract_layer(m)] == [first_layer(model)]
     assert _layout(opt) == _layout(ref_opt)  # timm's layer groups as they were
-    group = _group_of(opt, _stem_weight(model))
+    group = group_of(opt, first_layer(model).weight)
     assert group['lr_scale'] == min(g['lr_scale'] for g in opt.param_groups) < 1
     _step(model, opt)
     _step(ref, ref_opt)
@@ -78,46 +56,37 @@ def test_tract_layer_keeps_its_layer_decay_group_and_lr_scale(arch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)
 
 
-def _stem_freezing_scale(arch: str) -> float:
-    """A layer_decay_no_opt_scale between the stem's lr scale and the next one: freezes the stem only."""
-    model = _model(arch)
-    opt = create_optimizer_v2(model, 'adamw', **OPT)
-    stem = _group_of(opt, _stem_weight(model))['lr_scale']
-    above = min(g['lr_scale'] for g in opt.param_groups if g['lr_scale'] > stem)
-    return (stem + above) / 2
-
-
 @pytest.mark.parametrize('arch', ARCHS)
 def test_stem_frozen_by_layer_decay_is_an_error_and_changes_nothing(arch):
-    no_opt = _stem_freezing_scale(arch)
+    no_opt = stem_freezing_scale(_model(arch), layer_decay=OPT['layer_decay'])
     model = _model(arch)
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(TrActArgumentError, match=r'layer-wise lr decay froze the first layer .*layer_decay_no_opt_scale'
                                                  r'.*layer_decay_min_scale'):
         create_optimizer_v2(model, 'tract-adamw', layer_decay_no_opt_scale=no_opt, **OPT)
-    _assert_unchanged(model, before)  # timm's schedule had set requires_grad=False on the stem: given back
+    assert_unchanged(model, before)  # timm's schedule had set requires_grad=False on the stem: given back
     # the fixes the message names work on the same model
     opt = create_optimizer_v2(model, 'tract-adamw', layer_decay_no_opt_scale=no_opt, layer_decay_min_scale=no_opt,
                               **OPT)
-    assert _group_of(opt, _stem_weight(model))['lr_scale'] == no_opt
-    assert is_tract_layer(model.get_submodule(model.pretrained_cfg['first_conv']))
+    assert group_of(opt, first_layer(model).weight)['lr_scale'] == no_opt
+    assert is_tract_layer(first_layer(model))
 
 
 def test_stem_frozen_by_the_user_stays_frozen_and_gets_the_plain_error():
     model = _model('vit_tiny_patch16_224')
-    _stem_weight(model).requires_grad_(False)
-    before = _snapshot(model)
+    first_layer(model).weight.requires_grad_(False)
+    before = snapshot(model)
     with pytest.raises(TrActArgumentError, match='is not trained by this optimizer'):
         create_optimizer_v2(model, 'tract-adamw', **OPT)
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_muon_fallback_group_keeps_the_lr_scale():
     model = _model('vit_tiny_patch16_224')
     opt = create_optimizer_v2(model, 'tract-adamuon', **OPT)
     plain = create_optimizer_v2(_model('vit_tiny_patch16_224'), 'adamuon', **OPT)
-    group = _group_of(opt, _stem_weight(model))
-    assert group['use_fallback'] is True and group['params'] == [_stem_weight(model)]
+    group = group_of(opt, first_layer(model).weight)
+    assert group['use_fallback'] is True and group['params'] == [first_layer(model).weight]
     assert group['lr_scale'] == min(g['lr_scale'] for g in plain.param_groups) < 1
     # ViT's layer-0 decayed group held the patch-embed weight only: that group became the fallback group
     assert [layout[:3] for layout in _layout(opt)] == [layout[:3] for layout in _layout(plain)]
@@ -127,14 +96,14 @@ def test_muon_fallback_group_keeps_the_lr_scale():
 def test_an_earlier_schedule_freeze_is_not_undone():
     """A plain optimizer's layer decay froze the stem (a legitimate choice); a later tract-* over other groups must not
     take that call's record for its own: plain error, stem stays frozen."""
-    no_opt = _stem_freezing_scale('vit_tiny_patch16_224')
+    no_opt = stem_freezing_scale(_model('vit_tiny_patch16_224'), layer_decay=OPT['layer_decay'])
     model = _model('vit_tiny_patch16_224')
     create_optimizer_v2(model, 'adamw', layer_decay_no_opt_scale=no_opt, **OPT)
-    assert not _stem_weight(model).requires_grad
-    before = _snapshot(model)
+    assert not first_layer(model).weight.requires_grad
+    before = snapshot(model)
     with pytest.raises(TrActArgumentError, match='is not trained by this optimizer'):
         create_optimizer_v2([p for p in model.parameters() if p.requires_grad], 'tract-adamw', lr=1e-3)
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_the_recorder_is_what_create_optimizer_calls_and_returns_timms_groups():

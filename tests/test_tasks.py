@@ -1,7 +1,6 @@
 """ tract-* optimizers inside timm's training tasks (timm.task): TrAct goes to the student's first layer, never to a
 teacher, in classification, multi-label, logit / feature (with and without projection) and token distillation. """
 import pytest
-import timm
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -14,26 +13,16 @@ from timm.task import (
 )
 
 import timm_tract  # noqa: F401  (registers the tract-* optimizers)
-from timm_tract import apply_tract, is_tract_layer
+from timm_tract import apply_tract
 from timm_tract.errors import TrActArgumentError
+
+from _stack_helpers import assert_unchanged, first_layer, random_batch, snapshot, tiny_model, tract_layers
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-NUM_CLASSES = 3
-
 
 def _model(arch: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    kwargs = {'img_size': 32} if arch.startswith(('vit', 'deit')) else {}
-    return timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
-
-
-def _tract_layers(module: nn.Module):
-    return [m for m in module.modules() if is_tract_layer(m)]
-
-
-def _stem(model: nn.Module) -> nn.Module:
-    return model.get_submodule(model.pretrained_cfg['first_conv'])
+    return tiny_model(arch, seed, **({'img_size': 32} if arch.startswith(('vit', 'deit')) else {}))
 
 
 def _task(kind: str, student: nn.Module, teacher: nn.Module):
@@ -69,16 +58,11 @@ def test_tract_goes_to_the_student_first_layer_never_the_teacher(kind, student_a
     has_projection = getattr(trainable, 'projection', None) is not None
     assert has_projection == (kind == 'feature-projection')
     opt = create_optimizer_v2(trainable, 'tract-sgd', lr=0.1)
-    assert _tract_layers(task) == [_stem(student)]
-    assert teacher is None or not _tract_layers(teacher)
+    assert tract_layers(task) == [first_layer(student)]
+    assert teacher is None or not tract_layers(teacher)
     trained = {id(p) for g in opt.param_groups for p in g['params']}
-    assert id(_stem(student).weight) in trained
+    assert id(first_layer(student).weight) in trained
     assert teacher is None or not any(id(p) in trained for p in teacher.parameters())
-
-
-def _batch(seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (4,), generator=g)
 
 
 def test_feature_distillation_step_equals_apply_tract_on_the_student():
@@ -89,7 +73,7 @@ def test_feature_distillation_step_equals_apply_tract_on_the_student():
             apply_tract(student)
         task = _task('feature-projection', student, _model('convnext_atto', seed=1)).double()
         opt = create_optimizer_v2(task.get_trainable_module(), opt_name, lr=0.1)
-        x, y = _batch()
+        x, y = random_batch(2)
         task.train()
         task(x, y)['loss'].backward()
         opt.step()
@@ -106,28 +90,22 @@ def test_a_tract_teacher_is_left_as_it_is():
     student = _model('resnet10t')
     task = _task('feature-projection', student, teacher)
     create_optimizer_v2(task.get_trainable_module(), 'tract-sgd', lr=0.1, tract_lambda=0.05)
-    assert _stem(student).tract_lambda == 0.05
-    assert _tract_layers(teacher) == [teacher.stem[0]] and teacher.stem[0].tract_lambda == 0.3
-
-
-def _state(module: nn.Module):
-    return {k: v.clone() for k, v in module.state_dict().items()}, [p.requires_grad for p in module.parameters()]
+    assert first_layer(student).tract_lambda == 0.05
+    assert tract_layers(teacher) == [teacher.stem[0]] and teacher.stem[0].tract_lambda == 0.3
 
 
 def test_teacher_parameters_in_the_optimizer_are_refused_and_nothing_changes():
     student, teacher = _model('resnet10t'), _model('convnext_atto', seed=1)
     task = _task('feature-projection', student, teacher)
-    before = _state(task)
+    before = snapshot(task)
     for params in (task, task.teacher):  # the whole task, or the teacher alone
         with pytest.raises(TrActArgumentError, match=r'distillation teacher .*task\.get_trainable_module\(\)'):
             create_optimizer_v2(params, 'tract-sgd', lr=0.1)
-    assert not _tract_layers(task)
-    after = _state(task)
-    assert after[1] == before[1] and all(torch.equal(before[0][k], v) for k, v in after[0].items())
+    assert_unchanged(task, before)
 
 
 def test_parameters_of_two_timm_models_are_ambiguous():
     pair = nn.ModuleDict({'a': _model('resnet10t'), 'b': _model('convnext_atto')})
     with pytest.raises(TrActArgumentError, match='belong to 2 timm models'):
         create_optimizer_v2(pair, 'tract-sgd', lr=0.1)
-    assert not _tract_layers(pair)
+    assert not tract_layers(pair)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import timm
-from timm.optim import create_optimizer_v2
+
+from _stack_helpers import stem_freezing_scale
 
 TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')  # path to train.py of a timm repository clone (not on PyPI, so not in CI)
 
@@ -67,17 +68,10 @@ def test_layer_decay(data_dir, tmp_path):
     _assert_trained(proc, tmp_path, 'tract-adamw: TrAct on ResNet first layer')
 
 
-def _stem_freezing_scale() -> float:
-    """A --layer-decay-no-opt-scale between resnet10t's stem lr scale (layer decay 0.5) and the next one."""
-    model = timm.create_model('resnet10t', num_classes=NUM_CLASSES)
-    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, layer_decay=0.5)
-    stem, = [g['lr_scale'] for g in opt.param_groups if any(p is model.conv1[0].weight for p in g['params'])]
-    return (stem + min(g['lr_scale'] for g in opt.param_groups if g['lr_scale'] > stem)) / 2
-
-
 def test_layer_decay_freezing_the_stem_stops_with_the_reason(data_dir, tmp_path):
+    no_opt = stem_freezing_scale(timm.create_model('resnet10t', num_classes=NUM_CLASSES), layer_decay=0.5)
     proc = _run_train_py(data_dir, tmp_path, '--model', 'resnet10t', '--opt', 'tract-adamw', '--lr', '0.001',
-                         '--layer-decay', '0.5', '--layer-decay-no-opt-scale', str(_stem_freezing_scale()))
+                         '--layer-decay', '0.5', '--layer-decay-no-opt-scale', str(no_opt))
     assert proc.returncode != 0
     assert 'tract-adamw: layer-wise lr decay froze the first layer of ResNet' in proc.stderr
     assert not (tmp_path / 'e' / 'last.pth.tar').exists()
