@@ -1,6 +1,7 @@
 """ tract-* through timm's real train.py with the newer training stack: distillation with a local teacher folder
 (--kd-model-name local-dir:...), layer-wise lr decay (--layer-decay, a stem frozen by --layer-decay-no-opt-scale),
-the Muon family (--opt tract-adamuon). train.py is not on PyPI: set TIMM_TRAIN_PY to a timm checkout's train.py. """
+the Muon family (--opt tract-adamuon), scheduled image / batch sizes (--train-img-sizes, --train-batch-sizes).
+train.py is not on PyPI: set TIMM_TRAIN_PY to a timm checkout's train.py. """
 import os
 import subprocess
 import sys
@@ -81,3 +82,10 @@ def test_tract_adamuon(data_dir, tmp_path):
     proc = _run_train_py(data_dir, tmp_path, '--model', 'resnet10t', '--opt', 'tract-adamuon', '--lr', '0.001')
     _assert_trained(proc, tmp_path, 'tract-adamuon: TrAct on ResNet first layer')
     assert 'weight on the AdamW fallback' in proc.stderr + proc.stdout
+
+
+def test_scheduled_image_and_batch_sizes(data_dir, tmp_path):
+    proc = _run_train_py(data_dir, tmp_path, '--model', 'resnet10t', '--opt', 'tract-sgd', '--lr', '0.01',
+                         '--train-img-sizes', '16', '24', '--train-batch-sizes', '4', '2')
+    _assert_trained(proc, tmp_path, 'tract-sgd: TrAct on ResNet first layer')
+    assert 'Using scheduled training resolutions [16, 24]' in proc.stderr + proc.stdout
