@@ -17,10 +17,10 @@ LR = 0.1
 CASES = [('resnet10t', False), ('resnet10t', True), ('vit_tiny_patch16_224', False), ('vit_tiny_patch16_224', True)]
 
 
-def _model(arch: str) -> nn.Module:
+def _model(arch: str, device=None) -> nn.Module:
     narrow = {'img_size': 32, 'depth': 2, 'embed_dim': 64, 'num_heads': 2} if arch.startswith('vit') else \
         {'stem_width': 16, 'channels': (16, 32, 64, 64)}
-    return tiny_model(arch, **narrow).double()
+    return tiny_model(arch, device=device, **narrow).double()
 
 
 def _blocks(model: nn.Module):
@@ -72,6 +72,21 @@ def _stem_sharded_alone(mesh) -> dict:
     return {'error': None, 'stem': type(model.conv1[0]).__name__}
 
 
+def _built_on_meta(mesh) -> dict:
+    """FSDP2's usual start: the model on the meta device, sharded, then materialized with to_empty()."""
+    from timm.optim import create_optimizer_v2
+    from torch.distributed.fsdp import fully_shard
+    model = _model('resnet10t', device='meta')
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device='cpu')
+    opt = create_optimizer_v2(model, 'tract-sgd', lr=LR, tract_sync_gram=True)
+    stem = first_layer(model)
+    return {'stem': (type(stem).__name__, stem.sync_gram),
+            'trained': any(p is stem.weight for g in opt.param_groups for p in g['params'])}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import timm_tract  # noqa: F401  (registers the tract-* optimizers in this process)
     from torch.distributed.device_mesh import init_device_mesh
@@ -82,6 +97,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out = {case: _sharded_step(*case, rank, mesh) for case in CASES}
         out['stem_alone'] = _stem_sharded_alone(mesh)
         out['apply_first'] = _sharded_step('resnet10t', False, rank, mesh, stem_alone=True)
+        out['meta'] = _built_on_meta(mesh)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, 'fsdp.pt'))
     finally:
@@ -160,3 +176,8 @@ def test_apply_tract_before_sharding_the_stem_on_its_own(fsdp_results):
     got = fsdp_results['apply_first']
     assert got['stem'] == ('FSDPTrActConv2d', False)
     _assert_matches_reference(got, 'resnet10t', False)
+
+
+@pytest.mark.slow
+def test_model_built_on_meta_sharded_then_materialized(fsdp_results):
+    assert fsdp_results['meta'] == {'stem': ('TrActConv2d', True), 'trained': True}
