@@ -86,3 +86,10 @@ def test_parameter_list_without_groups():
     assert len(opt.param_groups) == 2
     assert group_of(opt, first_layer(model).weight) == {**opt.param_groups[0], 'params': [first_layer(model).weight],
                                                    'use_fallback': True}
+
+
+def test_a_model_that_already_has_tract_gets_the_same_grouping():
+    model = apply_tract(_model('resnet10t'), tract_lambda=0.2)
+    opt = create_optimizer_v2(model, 'tract-nadamuon', lr=0.01, weight_decay=WD)
+    assert group_of(opt, first_layer(model).weight)['use_fallback'] is True
+    assert first_layer(model).tract_lambda == 0.2
