@@ -81,7 +81,7 @@ def test_layer_decay_freezing_the_stem_stops_with_the_reason(data_dir, tmp_path)
 def test_tract_adamuon(data_dir, tmp_path):
     proc = _run_train_py(data_dir, tmp_path, '--model', 'resnet10t', '--opt', 'tract-adamuon', '--lr', '0.001')
     _assert_trained(proc, tmp_path, 'tract-adamuon: TrAct on ResNet first layer')
-    assert 'weight on the AdamW fallback' in proc.stderr + proc.stdout
+    assert 'weight in a use_fallback group: AdamW-style update' in proc.stderr + proc.stdout
 
 
 def test_scheduled_image_and_batch_sizes(data_dir, tmp_path):

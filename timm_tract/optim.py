@@ -207,6 +207,7 @@ def _below_task(chain: List[nn.Module]) -> nn.Module:
 
 
 def _refuse_teacher_params(outermost: nn.Module, wanted: set) -> None:
+    """A `TrActArgumentError` if a timm `DistillationTeacher` inside `outermost` holds one of the wanted parameters."""
     from timm.task import DistillationTeacher
     for path, module in outermost.named_modules():
         if isinstance(module, DistillationTeacher) and _holds_any(module, wanted):
@@ -391,8 +392,8 @@ def _create_tract_optimizer(
         for p in frozen_by_schedule:
             p.requires_grad_(True)
         raise
-    fallback = ' (weight on the AdamW fallback, Newton-Schulz would discard the preconditioning)' \
-        if _is_muon(type(optimizer)) else ''
+    fallback = ' (weight in a use_fallback group: AdamW-style update, Newton-Schulz would discard the ' \
+        'preconditioning)' if _is_muon(type(optimizer)) else ''
     _logger.info(
         f'{TRACT_OPT_PREFIX + _base}: TrAct on {type(model).__name__} first layer(s) '
         + ', '.join(f'{type(m).__name__}(tract_lambda={m.tract_lambda}, sync_gram={m.sync_gram})' for m in layers)
@@ -404,6 +405,7 @@ def _build(
         params: Any, base: str, tract_lambda: Optional[float], sync_gram: Optional[bool], kwargs: Dict[str, Any],
         frozen_by_schedule: List[torch.Tensor],
 ) -> Tuple[torch.optim.Optimizer, nn.Module, List[nn.Module]]:
+    """(optimizer, model, its TrAct layers): every check, then `<base>(params, **kwargs)`, then TrAct on the model."""
     from timm.optim._optim_factory import default_registry
     name = TRACT_OPT_PREFIX + base
     if tract_lambda is not None:
