@@ -2,7 +2,9 @@
 
 Times `timm.create_model` (resnet50, vit_base_patch16_224) with the hooks installed (as after `import timm_tract`)
 and removed, interleaved, and prints the median of each (noisy on a shared machine), plus the time of the hook calls
-alone: the registrations of one model creation recorded and replayed through the hooks.
+alone: the registrations of one model creation recorded and replayed through the hooks. Also times timm's
+`param_groups_layer_decay` (what `create_optimizer_v2(..., layer_decay=...)` calls) through the recorder that
+`import timm_tract` wraps it in, against timm's own function, interleaved.
 
     PYTHONPATH=. python scripts/bench_optim_hook.py [--repeats 7]
 """
@@ -55,6 +57,21 @@ def _replay_cost(name: str, repeats: int) -> tuple:
     return best, len(events)
 
 
+def _layer_decay_cost(name: str, repeats: int) -> tuple:
+    """(median seconds of timm's param_groups_layer_decay, median through timm-tract's recorder) on one model."""
+    import timm.optim._optim_factory as factory
+    recorded = factory.param_groups_layer_decay
+    plain = recorded.__wrapped__
+    model = timm.create_model(name, device='meta')
+    times = {plain: [], recorded: []}
+    for _ in range(repeats):
+        for fn in times:
+            t0 = time.perf_counter()
+            fn(model, layer_decay=0.75)
+            times[fn].append(time.perf_counter() - t0)
+    return statistics.median(times[plain]), statistics.median(times[recorded])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--repeats', type=int, default=7)
@@ -74,6 +91,9 @@ def main() -> None:
         print(f'{name:24s} create_model (meta) without hooks {off * 1e3:7.2f} ms, with hooks {on * 1e3:7.2f} ms '
               f'({(on - off) / off * 100:+.1f}%, {n_params} params); hook calls alone: {calls} calls, '
               f'{hook_s * 1e3:.3f} ms = {hook_s / off * 100:.2f}% of create_model')
+        ld_plain, ld_recorded = _layer_decay_cost(name, args.repeats)
+        print(f'{name:24s} param_groups_layer_decay {ld_plain * 1e3:7.2f} ms, through the recorder '
+              f'{ld_recorded * 1e3:7.2f} ms ({(ld_recorded - ld_plain) / ld_plain * 100:+.1f}%)')
     _set_hooks(True)
 
 
