@@ -134,6 +134,23 @@ def test_tract_kwargs_do_not_reach_base_and_are_validated():
         create_optimizer_v2(_tiny_resnet(), 'tract-sgd', lr=0.1, tract_lamda=0.1)
 
 
+def test_tract_lambda_mode_kwarg():
+    """`tract_lambda_mode` (train.py: --opt-kwargs tract_lambda_mode=relative) reaches the TrAct layer, not the base
+    optimizer; a bad value fails before the model changes; on a TrAct model only an explicit mode is set."""
+    model = _tiny_resnet()
+    opt = create_optimizer_v2(model, 'tract-sgd', lr=0.1, tract_lambda_mode='relative')
+    layer, = _tract_layers(model)
+    assert layer.tract_lambda_mode == 'relative' and 'tract_lambda_mode' not in opt.param_groups[0]
+    fresh = _tiny_resnet()
+    with pytest.raises(ValueError, match='tract_lambda_mode must be one of'):
+        create_optimizer_v2(fresh, 'tract-sgd', lr=0.1, tract_lambda_mode='bogus')
+    assert _tract_layers(fresh) == []
+    create_optimizer_v2(model, 'tract-sgd', lr=0.1)
+    assert layer.tract_lambda_mode == 'relative'  # the model's own mode kept
+    create_optimizer_v2(model, 'tract-sgd', lr=0.1, tract_lambda_mode='absolute')
+    assert layer.tract_lambda_mode == 'absolute'
+
+
 def test_never_tract_twice_on_a_tract_model():
     model = apply_tract(_tiny_resnet(), tract_lambda=0.2)
     layer, = _tract_layers(model)

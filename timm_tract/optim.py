@@ -22,7 +22,8 @@ On import, every optimizer in timm's registry gets a TrAct twin named `tract-<ba
    cleared for these groups are given back).
 
 Keywords of the TrAct part (`--opt-kwargs tract_lambda=0.05 tract_sync_gram=True` in train.py): `tract_lambda`
-(default: the model's own λ for a TrAct model, else 0.1) and `tract_sync_gram` (all-reduce XᵀX over DDP / FSDP ranks).
+(default: the model's own λ for a TrAct model, else 0.1), `tract_lambda_mode` ('absolute', the paper's, or 'relative':
+λ scaled by the mean second moment of the patch entries) and `tract_sync_gram` (all-reduce XᵀX over DDP / FSDP ranks).
 
 Finding the model uses PyTorch's public global registration hooks
 (`register_module_parameter_registration_hook`, `register_module_module_registration_hook`): two weak maps,
@@ -54,7 +55,7 @@ from torch.nn.modules.module import (
 )
 
 from .errors import TrActArgumentError
-from .functional import DEFAULT_LAMBDA, check_lambda
+from .functional import DEFAULT_LAMBDA, DEFAULT_LAMBDA_MODE, check_lambda, check_lambda_mode
 from .layers import _first_conv_names, apply_tract, find_first_layer, is_tract_layer
 from .naming import TRACT_OPT_PREFIX, TRACT_PAPER_ID
 
@@ -258,22 +259,28 @@ def prepare_tract_model(
         model: nn.Module,
         tract_lambda: Optional[float] = None,
         sync_gram: Optional[bool] = None,
+        tract_lambda_mode: Optional[str] = None,
 ) -> List[nn.Module]:
     """Make sure `model` trains its first layer with TrAct; returns its TrAct layers.
 
-    A model without TrAct layer gets `apply_tract(model, tract_lambda or 0.1, sync_gram=...)`. A model that already
-    has TrAct layers (a `*_tract` model, or `apply_tract` called before) keeps them; only an explicit `tract_lambda`
-    / `sync_gram` is set on them (λ checked before any layer changes).
+    A model without TrAct layer gets `apply_tract(model, tract_lambda or 0.1, sync_gram=..., tract_lambda_mode=...)`.
+    A model that already has TrAct layers (a `*_tract` model, or `apply_tract` called before) keeps them; only an
+    explicit `tract_lambda` / `sync_gram` / `tract_lambda_mode` is set on them (checked before any layer changes).
     """
     layers = [m for m in model.modules() if is_tract_layer(m)]
     if not layers:
-        apply_tract(model, DEFAULT_LAMBDA if tract_lambda is None else tract_lambda, sync_gram=bool(sync_gram))
+        apply_tract(model, DEFAULT_LAMBDA if tract_lambda is None else tract_lambda, sync_gram=bool(sync_gram),
+                    tract_lambda_mode=tract_lambda_mode or DEFAULT_LAMBDA_MODE)
         return [m for m in model.modules() if is_tract_layer(m)]
     if tract_lambda is not None:
         tract_lambda = check_lambda(tract_lambda)
+    if tract_lambda_mode is not None:
+        tract_lambda_mode = check_lambda_mode(tract_lambda_mode)
     for layer in layers:
         if tract_lambda is not None:
             layer.tract_lambda = tract_lambda
+        if tract_lambda_mode is not None:
+            layer.tract_lambda_mode = tract_lambda_mode
         if sync_gram is not None:
             layer.sync_gram = bool(sync_gram)
     return layers
@@ -380,6 +387,7 @@ def _create_tract_optimizer(
         _base: str,
         tract_lambda: Optional[float] = None,
         tract_sync_gram: Optional[bool] = None,
+        tract_lambda_mode: Optional[str] = None,
         **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """`opt_class` of a `tract-<base>` registry entry: check, build `<base>(params, **kwargs)`, then TrAct on the
@@ -387,7 +395,8 @@ def _create_tract_optimizer(
     `requires_grad` of parameters timm's layer-decay schedule froze for these groups)."""
     frozen_by_schedule = _frozen_by_layer_decay(params)
     try:
-        optimizer, model, layers = _build(params, _base, tract_lambda, tract_sync_gram, kwargs, frozen_by_schedule)
+        optimizer, model, layers = _build(params, _base, tract_lambda, tract_sync_gram, tract_lambda_mode, kwargs,
+                                          frozen_by_schedule)
     except Exception:
         for p in frozen_by_schedule:
             p.requires_grad_(True)
@@ -396,20 +405,23 @@ def _create_tract_optimizer(
         'preconditioning)' if _is_muon(type(optimizer)) else ''
     _logger.info(
         f'{TRACT_OPT_PREFIX + _base}: TrAct on {type(model).__name__} first layer(s) '
-        + ', '.join(f'{type(m).__name__}(tract_lambda={m.tract_lambda}, sync_gram={m.sync_gram})' for m in layers)
+        + ', '.join(f'{type(m).__name__}(tract_lambda={m.tract_lambda}, tract_lambda_mode={m.tract_lambda_mode}, '
+                    f'sync_gram={m.sync_gram})' for m in layers)
         + fallback)
     return optimizer
 
 
 def _build(
-        params: Any, base: str, tract_lambda: Optional[float], sync_gram: Optional[bool], kwargs: Dict[str, Any],
-        frozen_by_schedule: List[torch.Tensor],
+        params: Any, base: str, tract_lambda: Optional[float], sync_gram: Optional[bool], lambda_mode: Optional[str],
+        kwargs: Dict[str, Any], frozen_by_schedule: List[torch.Tensor],
 ) -> Tuple[torch.optim.Optimizer, nn.Module, List[nn.Module]]:
     """(optimizer, model, its TrAct layers): every check, then `<base>(params, **kwargs)`, then TrAct on the model."""
     from timm.optim._optim_factory import default_registry
     name = TRACT_OPT_PREFIX + base
     if tract_lambda is not None:
         tract_lambda = check_lambda(tract_lambda)
+    if lambda_mode is not None:
+        lambda_mode = check_lambda_mode(lambda_mode)
     params = _materialize(params)
     tensors = list(_iter_group_params(params))
     try:
@@ -428,7 +440,7 @@ def _build(
     if _is_muon(opt_class):
         params = _on_fallback(params, [m.weight for m in layers])
     optimizer = opt_class(params, **kwargs)
-    return optimizer, model, prepare_tract_model(model, tract_lambda, sync_gram)
+    return optimizer, model, prepare_tract_model(model, tract_lambda, sync_gram, lambda_mode)
 
 
 def register_tract_optimizers() -> List[str]:
