@@ -116,7 +116,11 @@ def test_import_instantiates_nothing_and_opens_no_connection():
 # ----------------------------------------------------------------------------------------------------------------
 # Every twin on the meta device
 
-@pytest.mark.parametrize('family', FAMILIES)
+_SLOW_FAMILIES = ('resnet', 'vision_transformer')  # 81 / 163 twins: about a minute on 2 cores, run with the slow tier
+
+
+@pytest.mark.parametrize('family', [pytest.param(f, marks=pytest.mark.slow) if f in _SLOW_FAMILIES else f
+                                    for f in FAMILIES])
 def test_every_twin_builds_on_meta_with_tract_first_layer(family):
     for base in list_models(module=family):
         twin = base + '_tract'
@@ -180,7 +184,8 @@ def test_features_only_keeps_tract_first_layer(arch):
 # ----------------------------------------------------------------------------------------------------------------
 # Parity and state-dict interchange, one sample per stem type
 
-@pytest.mark.parametrize('arch', list(SAMPLES))
+@pytest.mark.parametrize('arch', [pytest.param(a, marks=pytest.mark.slow) if a.startswith('vit_') else a
+                                  for a in SAMPLES])
 def test_state_dicts_interchange_and_outputs_match(arch):
     base, twin = _pair(arch, **SAMPLES[arch])
     assert list(base.state_dict()) == list(twin.state_dict())
