@@ -151,8 +151,9 @@ OP_COUNT_LAYERS = {  # name: (TrActConv2d args, kwargs)
 
 
 def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes: int = None) -> dict:
-    """aten ops of `loss.backward()` through one TrAct layer of OP_COUNT_LAYERS (CPU, float32); `chunk_bytes` sets the
-    Gram chunk budget (None: the default). Returns {'total', 'non_view', 'plain_non_view'}."""
+    """aten ops of `loss.backward()` through one TrAct layer of OP_COUNT_LAYERS (CPU, float32), in the steady state
+    (after one warm-up backward); `chunk_bytes` sets the Gram chunk budget (None: the default).
+    Returns {'total', 'non_view', 'plain_total', 'plain_non_view'}."""
     from timm_tract import TrActConv2d, functional as TF
 
     args, kwargs = OP_COUNT_LAYERS[layer_name]
@@ -163,6 +164,7 @@ def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes
     TF.set_gram_chunk_bytes(chunk_bytes)
     try:
         for key, module in (('', layer), ('plain_', torch.nn.Conv2d(*args, **kwargs))):
+            module(x).sum().backward()  # warm-up: the first backward of a geometry builds its cached Gram plan
             loss = module(x).sum()
             with _OpCounter() as counter:
                 loss.backward()

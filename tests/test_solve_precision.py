@@ -32,36 +32,37 @@ def _rel(a, b):
 def factorized(monkeypatch):
     """Records (shape, dtype) of every matrix TrAct hands to the Cholesky factorization."""
     seen = []
-    cholesky_ex = torch.linalg.cholesky_ex
-
-    def spy(a, *args, **kwargs):
-        seen.append((tuple(a.shape), a.dtype))
-        return cholesky_ex(a, *args, **kwargs)
-    monkeypatch.setattr(torch.linalg, 'cholesky_ex', spy)
+    for name in ('cholesky', 'cholesky_ex'):  # CPU factorizes with the raising form, accelerators with the _ex form
+        def spy(a, *args, _original=getattr(torch.linalg, name), **kwargs):
+            seen.append((tuple(a.shape), a.dtype))
+            return _original(a, *args, **kwargs)
+        monkeypatch.setattr(torch.linalg, name, spy)
     return seen
 
 
-# (layer, input shape, dtype, sync_gram, expected factorized (shape, dtype))
+# (layer, input shape, dtype, sync_gram, expected factorized (shape, dtype)); n×n systems up to n = 384 are solved in
+# float64 (cheap next to the Gram; accurate for inputs far from zero mean), larger ones in the Gram's dtype
 _SYSTEMS = [
     ('linear', (47, 48), torch.float32, False, ((1, 47, 47), torch.float64)),  # N = n-1: Woodbury, float64
-    ('linear', (48, 48), torch.float32, False, ((1, 48, 48), torch.float32)),  # N = n: the Gram
-    ('linear', (3, 100, 48), torch.float32, False, ((1, 48, 48), torch.float32)),
+    ('linear', (48, 48), torch.float32, False, ((1, 48, 48), torch.float64)),  # N = n: the Gram
+    ('linear', (3, 100, 48), torch.float32, False, ((1, 48, 48), torch.float64)),
     ('linear', (10, 48), torch.float64, False, ((1, 10, 10), torch.float64)),
     ('linear', (100, 48), torch.float64, False, ((1, 48, 48), torch.float64)),
-    ('linear', (10, 48), torch.float32, True, ((1, 48, 48), torch.float32)),  # sync_gram: always the (summable) Gram
+    ('linear', (10, 48), torch.float32, True, ((1, 48, 48), torch.float64)),  # sync_gram: always the (summable) Gram
+    ('linear_wide', (500, 400), torch.float32, False, ((1, 400, 400), torch.float32)),  # n > 384: the Gram's dtype
     ('conv', (1, 3, 6, 6), torch.float32, False, ((1, 16, 16), torch.float64)),  # N = 16 < n = 27
-    ('conv', (1, 3, 8, 8), torch.float32, False, ((1, 27, 27), torch.float32)),  # N = 36 >= 27
-    ('conv', (1, 3, 6, 6), torch.float32, True, ((1, 27, 27), torch.float32)),
+    ('conv', (1, 3, 8, 8), torch.float32, False, ((1, 27, 27), torch.float64)),  # N = 36 >= 27
+    ('conv', (1, 3, 6, 6), torch.float32, True, ((1, 27, 27), torch.float64)),
     ('conv_groups', (1, 6, 4, 4), torch.float32, False, ((2, 4, 4), torch.float64)),  # per group N = 4 < n = 27
-    ('conv_groups', (4, 6, 8, 8), torch.float32, False, ((2, 27, 27), torch.float32)),
+    ('conv_groups', (4, 6, 8, 8), torch.float32, False, ((2, 27, 27), torch.float64)),
 ]
 
 
 @pytest.mark.parametrize('kind,shape,dtype,sync_gram,expected', _SYSTEMS)
 def test_the_smaller_system_is_factorized(factorized, kind, shape, dtype, sync_gram, expected):
     torch.manual_seed(0)
-    if kind == 'linear':
-        layer = TrActLinear(48, 5, dtype=dtype, sync_gram=sync_gram)
+    if kind.startswith('linear'):
+        layer = TrActLinear(shape[-1], 5, dtype=dtype, sync_gram=sync_gram)
     else:
         groups = 2 if kind == 'conv_groups' else 1
         layer = TrActConv2d(shape[1], 4, 3, groups=groups, dtype=dtype, sync_gram=sync_gram)
