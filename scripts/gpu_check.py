@@ -44,7 +44,16 @@ FULL = [
     ('vit_base_patch16_224', 256, 224),
     ('deit_small_patch16_224', 512, 224),
     ('resnet18', 1024, 32),  # CIFAR-style
+    # the small-image settings of scripts/bench_overhead.py (row keys of ALIASES: timm model + kwargs; 1000 classes)
+    ('resnet18_narrow', 32, 32),
+    ('resnet18_32px_b128', 128, 32),
+    ('resnet18_64px_b32', 32, 64),
 ]
+ALIASES = {  # row key: (timm model, create_model kwargs)
+    'resnet18_narrow': ('resnet18', {'channels': (16, 32, 64, 128)}),
+    'resnet18_32px_b128': ('resnet18', {}),
+    'resnet18_64px_b32': ('resnet18', {}),
+}
 SMOKE = [
     ('resnet18', 2, 32),
     ('deit_tiny_patch16_224', 2, 32),
@@ -115,7 +124,8 @@ def _build(name: str, variant: str, device: str, img_size: int, official_fp32: b
     from bench_overhead import make_variant  # scripts/ is on sys.path when this script runs
 
     torch.manual_seed(0)
-    kwargs = {'img_size': img_size} if img_size != 224 and ('vit' in name or 'deit' in name) else {}
+    name, kwargs = ALIASES.get(name, (name, {}))
+    kwargs = dict(kwargs, **({'img_size': img_size} if img_size != 224 and ('vit' in name or 'deit' in name) else {}))
     model = make_variant(timm.create_model(name, **kwargs), variant, _Float32Layer if official_fp32 else None)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)

@@ -25,3 +25,21 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     row = data['models']['resnet18']
     assert set(row['ratio']) == {'plain', 'timm_tract', 'official'} and row['ratio']['plain'] == 1.0
     assert '| resnet18 | 2 | 32 |' in out_md.read_text()
+
+
+def test_full_run_includes_the_small_image_settings():
+    """The first GPU run also measures the small-image rows of scripts/bench_overhead.py."""
+    import importlib.util
+    sys.path.insert(0, str(REPO / 'scripts'))
+    try:
+        spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'scripts' / 'gpu_check.py')
+        gpu_check = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu_check)
+        bench = sys.modules.get('bench_overhead') or __import__('bench_overhead')
+        rows = {(key, batch, size) for key, batch, size in gpu_check.FULL}
+        assert {('resnet18_narrow', 32, 32), ('resnet18_32px_b128', 128, 32), ('resnet18_64px_b32', 32, 64)} <= rows
+        assert [(b, s) for *_, b, s in bench.SMALL] == [(32, 32), (128, 32), (32, 64)]
+        model, _ = gpu_check._build('resnet18_narrow', 'timm_tract', 'cpu', 32)
+        assert model.layer1[0].conv1.out_channels == 16 and type(model.conv1).__name__ == 'TrActConv2d'
+    finally:
+        sys.path.remove(str(REPO / 'scripts'))

@@ -105,8 +105,8 @@ def test_apply_tract_errors_name_problem_and_fix():
 
 @pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])
 def test_cpu_autocast_gram_in_fp32_grad_in_param_dtype(amp_dtype):
-    """Under autocast the layer runs in the autocast dtype; the TrAct gradient is the fp32-Gram preconditioning of the
-    plain autocast gradient, in the parameter dtype."""
+    """Under autocast the layer runs in the autocast dtype; the TrAct gradient is the (fp32-accumulated) Gram's
+    preconditioning of the plain autocast gradient, in the parameter dtype."""
     torch.manual_seed(0)
     model, ref = _small_net(), _small_net(tract=False)
     ref.load_state_dict(model.state_dict())
@@ -116,7 +116,7 @@ def test_cpu_autocast_gram_in_fp32_grad_in_param_dtype(amp_dtype):
         plain = _first_grad(ref, x)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
     stats, rows = TF.patch_gram(x, TF.conv_geometry(model[0].weight.shape, stride=2, padding=1))
-    assert stats.dtype == torch.float32
+    assert stats.dtype == torch.float64  # accumulated in float32 from the centered input, restored in float64
     assert torch.allclose(g, TF.tract_precondition(plain, stats, rows, 0.1), rtol=1e-5, atol=1e-6)
     fp32 = _first_grad(model, x)
     assert ((g - fp32).norm() / fp32.norm()) < 0.1  # close to the fp32 TrAct gradient at autocast precision

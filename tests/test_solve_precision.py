@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_tract import TrActConv2d, TrActLinear
+from timm_tract.errors import NotPositiveDefiniteError
 
 
 def _oracle(x, gy, weight_shape, tract_lambda, stride=1, padding=0):
@@ -32,36 +33,37 @@ def _rel(a, b):
 def factorized(monkeypatch):
     """Records (shape, dtype) of every matrix TrAct hands to the Cholesky factorization."""
     seen = []
-    cholesky_ex = torch.linalg.cholesky_ex
-
-    def spy(a, *args, **kwargs):
-        seen.append((tuple(a.shape), a.dtype))
-        return cholesky_ex(a, *args, **kwargs)
-    monkeypatch.setattr(torch.linalg, 'cholesky_ex', spy)
+    for name in ('cholesky', 'cholesky_ex'):  # CPU factorizes with the raising form, accelerators with the _ex form
+        def spy(a, *args, _original=getattr(torch.linalg, name), **kwargs):
+            seen.append((tuple(a.shape), a.dtype))
+            return _original(a, *args, **kwargs)
+        monkeypatch.setattr(torch.linalg, name, spy)
     return seen
 
 
-# (layer, input shape, dtype, sync_gram, expected factorized (shape, dtype))
+# (layer, input shape, dtype, sync_gram, expected factorized (shape, dtype)); n×n systems up to n = 384 are solved in
+# float64 (cheap next to the Gram; accurate for inputs far from zero mean), larger ones in the Gram's dtype
 _SYSTEMS = [
     ('linear', (47, 48), torch.float32, False, ((1, 47, 47), torch.float64)),  # N = n-1: Woodbury, float64
-    ('linear', (48, 48), torch.float32, False, ((1, 48, 48), torch.float32)),  # N = n: the Gram
-    ('linear', (3, 100, 48), torch.float32, False, ((1, 48, 48), torch.float32)),
+    ('linear', (48, 48), torch.float32, False, ((1, 48, 48), torch.float64)),  # N = n: the Gram
+    ('linear', (3, 100, 48), torch.float32, False, ((1, 48, 48), torch.float64)),
     ('linear', (10, 48), torch.float64, False, ((1, 10, 10), torch.float64)),
     ('linear', (100, 48), torch.float64, False, ((1, 48, 48), torch.float64)),
-    ('linear', (10, 48), torch.float32, True, ((1, 48, 48), torch.float32)),  # sync_gram: always the (summable) Gram
+    ('linear', (10, 48), torch.float32, True, ((1, 48, 48), torch.float64)),  # sync_gram: always the (summable) Gram
+    ('linear_wide', (500, 400), torch.float32, False, ((1, 400, 400), torch.float32)),  # n > 384: the Gram's dtype
     ('conv', (1, 3, 6, 6), torch.float32, False, ((1, 16, 16), torch.float64)),  # N = 16 < n = 27
-    ('conv', (1, 3, 8, 8), torch.float32, False, ((1, 27, 27), torch.float32)),  # N = 36 >= 27
-    ('conv', (1, 3, 6, 6), torch.float32, True, ((1, 27, 27), torch.float32)),
+    ('conv', (1, 3, 8, 8), torch.float32, False, ((1, 27, 27), torch.float64)),  # N = 36 >= 27
+    ('conv', (1, 3, 6, 6), torch.float32, True, ((1, 27, 27), torch.float64)),
     ('conv_groups', (1, 6, 4, 4), torch.float32, False, ((2, 4, 4), torch.float64)),  # per group N = 4 < n = 27
-    ('conv_groups', (4, 6, 8, 8), torch.float32, False, ((2, 27, 27), torch.float32)),
+    ('conv_groups', (4, 6, 8, 8), torch.float32, False, ((2, 27, 27), torch.float64)),
 ]
 
 
 @pytest.mark.parametrize('kind,shape,dtype,sync_gram,expected', _SYSTEMS)
 def test_the_smaller_system_is_factorized(factorized, kind, shape, dtype, sync_gram, expected):
     torch.manual_seed(0)
-    if kind == 'linear':
-        layer = TrActLinear(48, 5, dtype=dtype, sync_gram=sync_gram)
+    if kind.startswith('linear'):
+        layer = TrActLinear(shape[-1], 5, dtype=dtype, sync_gram=sync_gram)
     else:
         groups = 2 if kind == 'conv_groups' else 1
         layer = TrActConv2d(shape[1], 4, 3, groups=groups, dtype=dtype, sync_gram=sync_gram)
@@ -142,3 +144,54 @@ def test_cpu_autocast_against_float64_reference(amp_dtype, tol):
     err = _rel(layer.weight.grad, ref)
     assert err <= tol
     assert _rel(plain.weight.grad, ref) > 20 * tol
+
+
+# --- inputs far from zero mean: [0, 255] pixels, constant images; the error names the case ---
+
+@pytest.mark.parametrize('make', [lambda dt: TrActConv2d(3, 8, 7, stride=2, padding=3, dtype=dt),
+                                  lambda dt: TrActConv2d(3, 8, 3, stride=1, padding=1, dtype=dt),
+                                  lambda dt: TrActLinear(48, 8, dtype=dt)], ids=['stem_7x7s2', 'conv_3x3', 'linear'])
+@pytest.mark.parametrize('size', [32, 64])
+def test_0_255_pixels_against_float64_reference(make, size):
+    """Raw [0, 255] pixels at λ = 0.1: the float32 TrAct gradient within 5e-4 of the float64 one (the n×n system is
+    solved in float64; 40% off before)."""
+    torch.manual_seed(0)
+    layer, ref = make(torch.float32), make(torch.float64)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randint(0, 256, (8, 3, size, size)).float()
+    if isinstance(layer, nn.Linear):
+        x = x.reshape(-1, 48)[:4000]
+    y = layer(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    (ref(x.double()) * gy.double()).sum().backward()
+    assert _rel(layer.weight.grad, ref.weight.grad) <= 5e-4
+
+
+@pytest.mark.parametrize('size', [16, 32, 64])
+@pytest.mark.parametrize('value', [255.0, 1000.0])
+def test_constant_images_against_float64_reference(size, value):
+    """Constant images (XᵀX/N ~ value², rank-deficient but for the padding): the float32 gradient within 1e-4 of the
+    float64 one and of the oracle (the Gram is accumulated from the centered input; 195% off, silently, before)."""
+    torch.manual_seed(0)
+    x = torch.full((4, 3, size, size), value)
+    layer = TrActConv2d(3, 4, 7, stride=2, padding=3)
+    ref = TrActConv2d(3, 4, 7, stride=2, padding=3, dtype=torch.float64)
+    ref.load_state_dict(layer.state_dict())
+    gy = torch.randn(4, 4, size // 2, size // 2, dtype=torch.float64)
+    (ref(x.double()) * gy).sum().backward()
+    (layer(x) * gy.float()).sum().backward()
+    assert _rel(ref.weight.grad, _oracle(x, gy, ref.weight.shape, 0.1, stride=2, padding=3)) <= 1e-8
+    assert _rel(layer.weight.grad, ref.weight.grad) <= 1e-4
+
+
+def test_rank_deficient_gram_with_tiny_lambda_says_so():
+    """A rank-1 Gram (constant patches, no padding) with λ below the float64 resolution of XᵀX/N: the message blames
+    λ against the rank-deficient Gram, not the input scale."""
+    layer = TrActConv2d(3, 4, 3, dtype=torch.float64, tract_lambda=1e-20)
+    x = torch.full((2, 3, 8, 8), 3.0, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        layer(x).sum().backward()
+    msg = str(info.value)
+    assert 'λ=1e-20 is below the torch.float64 resolution' in msg and 'rank-deficient' in msg
+    assert 'Raise tract_lambda' in msg and 'input scale' not in msg

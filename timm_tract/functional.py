@@ -26,6 +26,8 @@ held NaN/Inf or a finite scale too large for the Gram; on accelerators the same 
 (`torch._assert_async`), so a training step never waits for the device.
 """
 import contextlib
+import functools
+import itertools
 import math
 import numbers
 import os
@@ -64,11 +66,16 @@ def _pair(v: _IntPair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+# λ must stay a normal, finite float32 (the system of float32 inputs may be float32)
+_FLOAT32_LAMBDA_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
 def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
     """Return `tract_lambda` as a Python float.
 
     Accepts any real number (int, float, numpy scalars, a one-element real tensor); raises `TrActTypeError` (a
-    TypeError) for other types, bool included, and `TrActArgumentError` (a ValueError) unless it is finite and > 0.
+    TypeError) for other types, bool included, and `TrActArgumentError` (a ValueError) unless it is finite, > 0 and
+    within the normal float32 range (about 1.2e-38 to 3.4e38: 1e300 would be inf in float32).
     """
     value = tract_lambda
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool \
@@ -83,6 +90,11 @@ def check_lambda(tract_lambda: Union[float, torch.Tensor]) -> float:
         raise TrActArgumentError(
             f'tract_lambda must be finite and > 0, got {tract_lambda!r}. '
             f'Use the paper default 0.1 (0.05 for short runs, 0.2 for long runs).')
+    if not _FLOAT32_LAMBDA_RANGE[0] <= value <= _FLOAT32_LAMBDA_RANGE[1]:
+        raise TrActArgumentError(
+            f'tract_lambda={value:g} is outside what a float32 system can hold ({_FLOAT32_LAMBDA_RANGE[0]:g} to '
+            f'{_FLOAT32_LAMBDA_RANGE[1]:g}: it would become 0 or inf). Use the paper default 0.1 (0.05 for short '
+            f'runs, 0.2 for long runs).')
     return value
 
 
@@ -243,6 +255,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, in float32 (float64 for
     float64 input), accumulated one bounded chunk of images/rows at a time; or, with `keep_rows`, the patch matrix X
     itself (groups, N, n) in float64 (only used when N < n: smaller than XᵀX, and its N×N system is solved in float64).
+    The Gram path is `_gram_path`'s.
     """
     dtype = torch.float64 if keep_rows else _gram_dtype(x.dtype)
     batch, chans = x.shape[:2]
@@ -251,51 +264,344 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     n = cg * geom.kernel_size[0] * geom.kernel_size[1]
     (kh, _), (sh, _), (dh, _) = geom.kernel_size, geom.stride, geom.dilation
     pad_mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    h = x.shape[2] + geom.pad[2] + geom.pad[3]
     w = x.shape[3] + geom.pad[0] + geom.pad[1]
     h_out, w_out = _conv_out_size(x, geom)
     num_rows = batch * h_out * w_out
     if num_rows == 0:
         return x.new_zeros((g, 0, n) if keep_rows else (g, n, n), dtype=dtype), 0
-    shifted = None
+    budget = _chunk_elements(x.device, dtype)
+    path = 'rows' if keep_rows else _gram_path(geom, x.shape, h, w, x.device, budget)
+    accumulator = None
     row_elements = n * g * w_out  # materialized elements per output row of one image
-    if keep_rows:
+    if path == 'rows':
         out = x.new_empty((g, num_rows, n), dtype=dtype)
-    elif _uses_shifted_gram(geom):
-        shifted = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
-        row_elements = shifted.m * shifted.t_max
+    elif path == 'spectral':
+        accumulator = _SpectralGram(_spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device), dtype)
+        row_elements = accumulator.plan.image_elements / h_out  # whole images only (see `_SpectralPlan`)
+    elif path == 'shifted':
+        accumulator = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
+        row_elements = accumulator.m * accumulator.t_max
     else:
         out = x.new_zeros((g, n, n), dtype=dtype)
     # chunk = whole images while they fit the budget, else bands of output rows of one image
     per_image = row_elements * h_out
-    budget = _chunk_elements(x.device, dtype)
-    images_per_chunk = max(1, budget // per_image)
-    rows_per_band = h_out if per_image <= budget else max(1, budget // row_elements)
+    images_per_chunk = max(1, int(budget // per_image))
+    rows_per_band = h_out if per_image <= budget or path == 'spectral' else max(1, int(budget // row_elements))
+    # float32 Grams of one group up to n = _FLOAT64_SOLVE_MAX_N: accumulated from the input minus a per-channel
+    # constant c (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`)
+    center = path != 'rows' and g == 1 and dtype == torch.float32 and n <= _FLOAT64_SOLVE_MAX_N
+    offset = x.mean(dim=(0, 2, 3), dtype=torch.float32) if center else None  # (C,), c
+    image_sum = None
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
+        if center:
+            xb = xb - offset.view(-1, 1, 1)
+            image_sum = xb.sum(0) if image_sum is None else image_sum.add_(xb.sum(0))
+        if path == 'spectral':
+            accumulator.add(xb, geom.pad, pad_mode)  # pads (and crops) in one op
+            continue
         if any(geom.pad):
             xb = F.pad(xb, geom.pad, mode=pad_mode)
         for r0 in range(0, h_out, rows_per_band):
             r = min(rows_per_band, h_out - r0)
             band = xb[:, :, r0 * sh: r0 * sh + (r - 1) * sh + dh * (kh - 1) + 1]
-            if keep_rows:
+            if path == 'rows':
                 cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
                 rows = cols.view(cols.shape[0], g, n, -1).permute(1, 0, 3, 2).reshape(g, -1, n)
                 out[:, row:row + rows.shape[1]] = rows
                 row += rows.shape[1]
-            elif shifted is not None:
-                shifted.add(band)
+            elif path == 'shifted':
+                accumulator.add(band)
             else:
                 cols = F.unfold(band, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
                 _accumulate_gram(out, cols.view(cols.shape[0], g, n, -1))  # (b, g, n, L)
-    if keep_rows:
+    if path == 'rows':
         return out, num_rows
-    return (shifted.gram()[None] if shifted is not None else _mirror_gram(out)), num_rows
+    gram = accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)
+    if center:
+        gram = _restore_offset(gram, image_sum, offset, batch, geom, x.shape[2:])
+    return gram, num_rows
+
+
+def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.Tensor, batch: int,
+                    geom: ConvGeometry, size: Tuple[int, int]) -> torch.Tensor:
+    """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
+
+    With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
+    padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃, with
+    X'ᵀM̃[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows X'[row, r]·M[row, t'] from the batch sum of x' (one image's
+    unfold), and M̃ᵀM̃ = B·(c cᵀ) ⊗ MᵀM (MᵀM of one image, cached). Inputs far from zero mean (raw [0, 255] pixels,
+    constant images) keep their accuracy: the float32 Gram only sees the centered values."""
+    mask, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)
+    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    cols = F.unfold(F.pad(image_sum[None], geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation,
+                    stride=geom.stride)[0]  # (n, L)
+    c = offset.double()
+    n, taps = cols.shape[0], mask.shape[0]
+    q = cols.double() @ mask.T  # (n, taps)
+    cross = (q.view(n, 1, taps) * c.view(1, -1, 1)).view(n, n)
+    offsets = torch.kron(torch.outer(c, c), mask_gram) * batch
+    return (gram.double() + cross + cross.T + offsets).view(1, n, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64, and MᵀM (kh·kw, kh·kw)."""
+    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    ones = F.pad(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom.pad, mode=mode)
+    mask = F.unfold(ones, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)[0]
+    return mask, mask @ mask.T
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
-    """Overlapping patches along the width (kw > sw), no dilation, one group: `_shifted_gram` does fewer flops."""
+    """Overlapping patches along the width (kw > sw), no dilation, one group: `_ShiftedGram` does fewer flops than the
+    unfold."""
     return geom.groups == 1 and geom.dilation == (1, 1) and geom.kernel_size[1] > geom.stride[1]
+
+
+# The spectral path's fixed accumulators (they do not grow with the batch) may take this many chunk budgets.
+_SPECTRAL_ACCUMULATOR_BUDGETS = 4
+# Spectral cost model (multiply-adds; fitted to 1-thread CPU timings of the 7×7/2 stem at 32-224 px, B=1-128): its
+# small batched products run at about half the GEMM rate of the shifted path, plus a fixed cost per backward
+# (inverse FFTs, the sparse term combination, ~40 ops).
+_SPECTRAL_RATE_FACTOR = 2.0
+_SPECTRAL_FIXED_MACS = 4e7
+_PATH_BATCH = 32  # the batch the cost model is evaluated at
+# at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
+_SPECTRAL_MAX_TAP_GROUPS = 25
+
+
+def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: int, device: torch.device,
+               budget: int) -> str:
+    """How XᵀX of a conv input x (B, C, H, W) is accumulated; the rule (the same on every device):
+
+    - 'spectral' (`_SpectralGram`): patches overlap along at least one dimension (kernel > stride), no dilation, one
+      group, at most `_SPECTRAL_MAX_TAP_GROUPS` tap groups, its accumulators fit `_SPECTRAL_ACCUMULATOR_BUDGETS`
+      chunk budgets, and its cost model
+      (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
+      the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
+      unfold): the ResNet 7×7/2 stem from about 64 px up (to about 400 px with the 8 MiB CPU budget).
+    - 'shifted' (`_ShiftedGram`): overlap along the width, no dilation, one group, where 'spectral' is not chosen
+      (small images: the 7×7/2 stem at 32 px; 3×3 stems, whose overlap is small).
+    - 'unfold': everything else (non-overlapping patch embeds, dilated or grouped convs): unfold + GEMM.
+    """
+    if device.type == 'meta':  # shapes only: the plain path (no cached plans on the meta device)
+        return 'unfold'
+    batch, chans = _PATH_BATCH, x_shape[1]  # per geometry and image size: the same path (and ops) at every batch
+    (kh, kw), (sh, sw) = geom.kernel_size, geom.stride
+    h_out, w_out = (h_pad - kh) // sh + 1, (w_pad - kw) // sw + 1
+    plain = geom.groups == 1 and geom.dilation == (1, 1)
+    shifted = plain and kw > sw
+    if shifted:
+        units = -(-kw // sw)
+        other_macs = batch * h_out * (w_out + units - 1) * units * (chans * kh * sw) ** 2
+    else:
+        other_macs = batch * h_out * w_out * (chans * kh * kw) ** 2
+    if plain and (kh > sh or kw > sw) and -(-kh // sh) * -(-kw // sw) <= _SPECTRAL_MAX_TAP_GROUPS:
+        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h_pad, w_pad, torch.device('meta'))
+        spectral_macs = batch * plan.product_macs
+        if (plan.accumulator_elements <= _SPECTRAL_ACCUMULATOR_BUDGETS * budget
+                and _SPECTRAL_RATE_FACTOR * spectral_macs + _SPECTRAL_FIXED_MACS < other_macs):
+            return 'spectral'
+    return 'shifted' if shifted else 'unfold'
+
+
+def _fft_size(n: int) -> int:
+    """Smallest m ≥ n with no prime factor above 5 (fast FFT lengths)."""
+    m = max(1, n)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+class _SpectralPlan:
+    """Index bookkeeping of `_SpectralGram` for one geometry and padded input size (cached by `_spectral_plan`).
+
+    Tap (i, j) = (sh·u + a, sw·v + a') reads phase image k = (c, a, a') at (p + u, q + v), P_k[y, x] =
+    xp[c, sh·y + a, sw·x + a'] (hp × wp = (H_out + U_h - 1) × (W_out + U_w - 1), U = ceil(kernel/stride); taps with
+    i ≥ kh or j ≥ kw are phantom and dropped). The block of tap pair ((u, v), (u', v')) is
+    T = Σ_{y ∈ Yw, x ∈ Xw} P[y + du, x + dv] P[y, x]ᵀ with (du, dv) = (u - u', v - v') over the window
+    Yw × Xw = [u', u' + H_out) × [v', v' + W_out); by inclusion-exclusion
+    T = C(du, dv) - Σ_{y ∉ Yw} R_y(du, dv) - Σ_{x ∉ Xw} Q_x(du, dv) + Σ_{y ∉ Yw, x ∉ Xw} K_yx(du, dv):
+    C the full 2-D cross-correlation of the phase images (one FFT per image, lengths lh ≥ hp + U_h - 1 and
+    lw ≥ wp + U_w - 1 so no lag aliases), R and Q 1-D correlations along one border row / column (at most
+    U - 1 on each side), K single border points. `selection` (sparse, ±1) maps the terms to the blocks.
+    """
+
+    def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
+                 device: torch.device):
+        (kh, kw), (sh, sw) = kernel_size, stride
+        self.chans, self.sh, self.sw = chans, sh, sw
+        self.uh, self.uw = -(-kh // sh), -(-kw // sw)
+        self.ho, self.wo = (h_pad - kh) // sh + 1, (w_pad - kw) // sw + 1
+        self.hp, self.wp = self.ho + self.uh - 1, self.wo + self.uw - 1
+        self.m = m = chans * sh * sw
+        self.lh, self.lw = _fft_size(self.hp + self.uh - 1), _fft_size(self.wp + self.uw - 1)
+        self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
+        rows, cols, corners, entries = self._terms()
+        self.num_rows_terms, self.num_cols_terms, self.num_corners = len(rows), len(cols), len(corners)
+        # accumulated products: the main and border cross-power spectra (m × m complex each), the corner points (m²)
+        self.accumulator_elements = (self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fh) * 2 * m * m \
+            + len(corners) * m * m
+        # real multiply-adds of one image's products (spectra: (m × 2b)(2b × 2m) per frequency; corner points)
+        self.product_macs = (self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fh) * 8 * m * m \
+            + len(corners) * m * m
+        # elements one image materializes: phase images (FFT-sized), their spectra, the operands of the products
+        self.image_elements = m * (self.lh * self.lw + 2 * self.lh * self.fw + 12 * self.lh * self.fw)
+        if device.type == 'meta':  # `_gram_path` only needs the sizes
+            return
+
+        def index(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+        cols_needed = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})
+        where = {x: i for i, x in enumerate(cols_needed)}
+        # gathers: left operands (y + du, ...) first, then the right ones (y, ...)
+        self.row_lines = index([y + du for y, du in rows] + [y for y, _ in rows])
+        self.col_lines = index(cols_needed)
+        self.col_pairs = index([where[x + dv] for x, dv in cols] + [where[x] for x, _ in cols])
+        self.corner_points = index([(y + du) * self.lw + x + dv for y, du, x, dv in corners]
+                                   + [y * self.lw + x for y, _, x, _ in corners])
+        pairs = (self.uh * self.uw) ** 2
+        num_terms = self.lh * self.lw + len(rows) * self.lw + self.lh * len(cols) + len(corners)
+        selection = torch.sparse_coo_tensor(
+            index([[p for p, _, _ in entries], [t for _, t, _ in entries]]),
+            torch.tensor([v for _, _, v in entries], dtype=torch.float64, device=device), (pairs, num_terms),
+            check_invariants=False).coalesce()
+        self.selection = {dtype: selection.to(dtype) for dtype in (torch.float32, torch.float64)}
+        # Gram entry ((c, i, j), (c', i', j')) = block of taps ((u, v), (u', v')) at (k, k')
+        c, i, j = torch.arange(chans)[:, None, None], torch.arange(kh)[None, :, None], torch.arange(kw)[None, None, :]
+        k = ((c * sh + i % sh) * sw + j % sw).reshape(-1)
+        tap = ((i // sh) * self.uw + j // sw).expand(chans, kh, kw).reshape(-1)
+        taps = self.uh * self.uw
+        self.order = ((tap[:, None] * taps + tap[None, :]) * m * m + k[:, None] * m + k[None, :]).reshape(-1).to(device)
+
+    def _terms(self):
+        """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
+        entries (tap pair, term index, ±1); term indices: C lags (du mod lh, dv mod lw), then R_y (dv mod lw),
+        then Q_x (du mod lh), then the corners."""
+        uh, uw, ho, wo, hp, wp, lh, lw = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp, self.lh, self.lw
+        rows, cols, corners, raw = {}, {}, {}, []
+        for pair, (u, v, u2, v2) in enumerate(itertools.product(range(uh), range(uw), range(uh), range(uw))):
+            du, dv = u - u2, v - v2
+            raw.append((pair, 'main', (du % lh) * lw + dv % lw, 1.0))
+            ys = [y for y in list(range(u2)) + list(range(u2 + ho, hp)) if 0 <= y + du < hp]
+            xs = [x for x in list(range(v2)) + list(range(v2 + wo, wp)) if 0 <= x + dv < wp]
+            for y in ys:
+                raw.append((pair, 'row', rows.setdefault((y, du), len(rows)) * lw + dv % lw, -1.0))
+            for x in xs:
+                raw.append((pair, 'col', cols.setdefault((x, dv), len(cols)) * lh + du % lh, -1.0))
+            for y, x in itertools.product(ys, xs):
+                raw.append((pair, 'corner', corners.setdefault((y, du, x, dv), len(corners)), 1.0))
+        row_base = lh * lw
+        col_base = row_base + len(rows) * lw
+        corner_base = col_base + lh * len(cols)
+        entries = []
+        for pair, kind, key, sign in raw:
+            if kind == 'main':
+                entries.append((pair, key, sign))
+            elif kind == 'row':
+                entries.append((pair, row_base + key, sign))
+            elif kind == 'col':
+                entries.append((pair, col_base + key, sign))
+            else:
+                entries.append((pair, corner_base + key, sign))
+        return list(rows), list(cols), list(corners), entries
+
+
+@functools.lru_cache(maxsize=64)
+def _spectral_plan(chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
+                   device: torch.device) -> _SpectralPlan:
+    return _SpectralPlan(chans, kernel_size, stride, h_pad, w_pad, device)
+
+
+class _SpectralGram:
+    """Exact XᵀX (n, n) of the patches of inputs (b, C, H, W) (one group, no dilation) from the cross-correlations of
+    the stride-phase images (see `_SpectralPlan`), accumulated whole images at a time.
+
+    Per chunk: the phase images (positions first, batch last), their 2-D spectrum (one rfft + one fft) and 1-D spectra
+    of the border rows / columns, and one real batched product per frequency of the stacked real/imaginary parts
+    ([Ar; Ai][Br; Bi]ᵀ, summed over the batch); the border points in one more batched product. `gram` turns the
+    accumulated cross-power spectra into correlations (inverse FFTs), combines the terms of every tap pair with one
+    sparse product and gathers the (c, i, j) order.
+    """
+
+    def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
+        self.plan, self.dtype = plan, dtype
+        self.spectra: Optional[torch.Tensor] = None  # (fw·lh + R·fw + Q·fh, m, 2m): Σ A Bᴴ as (re, im) pairs
+        self.corners: Optional[torch.Tensor] = None  # (K, m, m)
+
+    def add(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str) -> None:
+        """Accumulate the patches of x (b, C, H, W), `pad` (F.pad order) not yet applied."""
+        pl = self.plan
+        b = x.shape[0]
+        # phase images: the padded input cropped to sh·hp × sw·wp (beyond, the correlations assume zeros), then
+        # zero-padded to the FFT lengths (this also holds the phantom taps)
+        left, _, top, _ = pad
+        rows, cols = min(x.shape[2], pl.sh * pl.hp - top), min(x.shape[3], pl.sw * pl.wp - left)
+        if pad_mode == 'constant' and rows > 0 and cols > 0:  # geometry padding, cropping, FFT padding in one op
+            xp = F.pad(x[:, :, :rows, :cols], (left, pl.sw * pl.lw - left - cols, top, pl.sh * pl.lh - top - rows))
+        else:
+            xp = F.pad(x, pad, mode=pad_mode)[:, :, :pl.sh * pl.hp, :pl.sw * pl.wp]
+            xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
+        phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw).permute(2, 4, 1, 3, 5, 0).contiguous()
+        p = phases.view(pl.lh, pl.lw, pl.m, b)  # (y, x, k, b): positions first, the batch last
+        fx = torch.fft.rfft(p, dim=1)  # (lh, fw, m, b)
+        main = torch.fft.fft(fx, dim=0).transpose(0, 1).flatten(0, 1)  # (fw·lh, m, b): a view of fft's layout
+        left, right = [main], [main]
+        if pl.num_rows_terms:  # left and right lines in one gather
+            lines = fx.index_select(0, pl.row_lines)
+            left.append(lines[:pl.num_rows_terms].flatten(0, 1))
+            right.append(lines[pl.num_rows_terms:].flatten(0, 1))
+        if pl.num_cols_terms:
+            fy = torch.fft.rfft(p.index_select(1, pl.col_lines), dim=0).transpose(0, 1)  # (lines, fh, m, b)
+            lines = fy.index_select(0, pl.col_pairs)
+            left.append(lines[:pl.num_cols_terms].flatten(0, 1))
+            right.append(lines[pl.num_cols_terms:].flatten(0, 1))
+        left, right = torch.cat(left), torch.cat(right)
+        # Σ_b A Bᴴ with real products: row k = (Re A_k, Im A_k) over (b, re/im), column (k', 0) = (Re B_k', Im B_k')
+        # gives Re, column (k', 1) = the parts of i·B_k' gives Im; the result (F, m, m, 2) is the complex Σ A Bᴴ
+        right = torch.stack([right, right * 1j], dim=2)  # (F, m, 2, b): B and i·B
+        self.spectra = _add_product(self.spectra, torch.view_as_real(left).flatten(-2),
+                                    torch.view_as_real(right).flatten(-2).flatten(1, 2))
+        if pl.num_corners:
+            points = p.view(-1, pl.m, b).index_select(0, pl.corner_points)
+            self.corners = _add_product(self.corners, points[:pl.num_corners], points[pl.num_corners:])
+
+    def gram(self) -> torch.Tensor:
+        """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
+        pl = self.plan
+        m = pl.m
+        cross = torch.view_as_complex(self.spectra.view(-1, m, m, 2))  # Σ_b A Bᴴ, (F, m, m)
+        main_end = pl.lh * pl.fw
+        rows_end = main_end + pl.num_rows_terms * pl.fw
+        # inverse FFTs with (k, k') leading, so every result is a (m·m, lags) view: (m, m, lh, lw), (m, m, R, lw), ...
+        main = cross[:main_end].view(pl.fw, pl.lh, m, m).permute(2, 3, 1, 0)
+        terms = [torch.fft.irfft2(main, s=(pl.lh, pl.lw)).view(m * m, -1)]
+        if pl.num_rows_terms:
+            rows = cross[main_end:rows_end].view(-1, pl.fw, m, m).permute(2, 3, 0, 1)
+            terms.append(torch.fft.irfft(rows, n=pl.lw).reshape(m * m, -1))
+        if pl.num_cols_terms:
+            cols = cross[rows_end:].view(-1, pl.fh, m, m).permute(2, 3, 0, 1)
+            terms.append(torch.fft.irfft(cols, n=pl.lh).reshape(m * m, -1))
+        if pl.num_corners:
+            terms.append(self.corners.permute(1, 2, 0).flatten(0, 1))
+        blocks = torch.sparse.mm(pl.selection[self.dtype], torch.cat(terms, dim=1).t())  # (tap pairs, m·m)
+        n = math.isqrt(pl.order.numel())
+        return blocks.view(-1).index_select(0, pl.order).view(n, n)
+
+
+def _add_product(acc: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """acc + left @ rightᵀ (batched), starting the accumulator with the first product."""
+    if acc is None:
+        return torch.bmm(left, right.transpose(1, 2))
+    return acc.baddbmm_(left, right.transpose(1, 2))
 
 
 class _ShiftedGram:
@@ -309,24 +615,21 @@ class _ShiftedGram:
     with M_δ = Σ_{t<W_out} V[t+δ]ᵀV[t] (U GEMMs over all rows: U·(C·kh·sw)² instead of (C·kh·kw)² flops per row,
     e.g. 4·42² = 7056 vs 147² = 21609 for the 7×7 stride-2 ResNet stem)
     and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge terms; blocks with u < u' are transposes.
+    The block combination (a sparse ±1 product) and the (c, i, j) gather are cached per geometry (`_shifted_plan`).
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int, dtype, device):
-        (self.kh, self.kw), (self.sh, self.sw) = kernel_size, stride
-        self.chans = chans
-        self.w_out = (w_in - self.kw) // self.sw + 1
-        self.shifts = -(-self.kw // self.sw)  # U
-        self.t_max = self.w_out + self.shifts - 1
-        self.m = chans * self.kh * self.sw
-        # edge pairs (δ, t): t < U-1 or W_out <= t < W_out+U-1, t+δ < T
-        self.edges = [(d, t) for d in range(self.shifts) for t in
-                      list(range(self.shifts - 1)) + list(range(self.w_out, self.w_out + self.shifts - 1))
-                      if t + d < self.t_max]
-        self.main = torch.zeros((self.shifts, self.m, self.m), dtype=dtype, device=device)
-        self.edge = torch.zeros((len(self.edges), self.m, self.m), dtype=dtype, device=device)
+        self.plan = plan = _shifted_plan(chans, kernel_size, stride, w_in, torch.device(device))
+        self.kh, self.sh, self.sw, self.chans = plan.kh, plan.sh, plan.sw, chans
+        self.w_out, self.shifts, self.t_max, self.m = plan.w_out, plan.shifts, plan.t_max, plan.m
+        self.edges = plan.edges
+        # accumulators: M_δ (U, m, m), then the edge terms E(δ, t) (P, m, m), in one tensor
+        self.acc = torch.zeros((self.shifts + len(self.edges), self.m, self.m), dtype=dtype, device=device)
+        self.main, self.edge = self.acc[:self.shifts], self.acc[self.shifts:]
 
     def add(self, xp: torch.Tensor) -> None:
         """Accumulate the patches of xp (b, C, H, W), already padded, H covering whole output rows."""
+        pl = self.plan
         b = xp.shape[0]
         h_out = (xp.shape[2] - self.kh) // self.sh + 1
         width = self.sw * self.t_max
@@ -340,32 +643,72 @@ class _ShiftedGram:
         v3 = v.view(blocks, t_max, m)
         # right operand: rows with t ≥ W_out zeroed, so the flat products below sum exactly over the windows t < W_out
         # (a left row r + d may run into the next block: it is multiplied by such a zero row)
-        window = v3.clone()
-        window[:, self.w_out:] = 0
-        window = window.view(-1, m)[:length]
+        window = (v3 * pl.window[v3.dtype]).view(-1, m)[:length]
         for d in range(self.shifts):
             self.main[d].addmm_(v[d:d + length].T, window)
         if self.edges:
-            left = torch.stack([v3[:, t + d] for d, t in self.edges])  # (P, blocks, m)
-            right = torch.stack([v3[:, t] for _, t in self.edges])
-            self.edge.baddbmm_(left.transpose(1, 2), right)
+            cols = v3.index_select(1, pl.edge_columns)  # (blocks, 2P, m): the left columns t + δ, then the right ones
+            self.edge.baddbmm_(cols[:, :len(self.edges)].permute(1, 2, 0), cols[:, len(self.edges):].transpose(0, 1))
 
     def gram(self) -> torch.Tensor:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
-        u_count, w_out = self.shifts, self.w_out
-        edge = {key: self.edge[k] for k, key in enumerate(self.edges)}
-        gram4 = self.main.new_empty((self.m, u_count, self.m, u_count))  # [(c, i, a), u, (c', i', a'), u']
+        pl = self.plan
+        blocks = torch.sparse.mm(pl.selection[self.acc.dtype], self.acc.view(self.acc.shape[0], -1))
+        return blocks.view(-1).index_select(0, pl.order).view(pl.n, pl.n)
+
+
+class _ShiftedPlan:
+    """Sizes, edge pairs (δ, t), the window mask, the block combination and the (c, i, j) gather of `_ShiftedGram`."""
+
+    def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int,
+                 device: torch.device):
+        (self.kh, self.kw), (self.sh, self.sw) = kernel_size, stride
+        self.w_out = (w_in - self.kw) // self.sw + 1
+        self.shifts = u_count = -(-self.kw // self.sw)  # U
+        self.t_max = self.w_out + u_count - 1
+        self.m = m = chans * self.kh * self.sw
+        self.n = chans * self.kh * self.kw
+        # edge pairs (δ, t): t < U-1 or W_out <= t < W_out+U-1, t+δ < T
+        self.edges = [(d, t) for d in range(u_count) for t in
+                      list(range(u_count - 1)) + list(range(self.w_out, self.w_out + u_count - 1))
+                      if t + d < self.t_max]
+        self.edge_columns = torch.tensor([t + d for d, t in self.edges] + [t for _, t in self.edges],
+                                         dtype=torch.long, device=device)
+        inside = (torch.arange(self.t_max, device=device) < self.w_out).view(-1, 1)
+        self.window = {dtype: inside.to(dtype) for dtype in (torch.float32, torch.float64)}
+        edge_index = {key: u_count + k for k, key in enumerate(self.edges)}
+        # block (δ, u') of taps u = u' + δ ≥ u': M_δ + Σ_{t<u'} (E(δ, W_out + t) - E(δ, t))
+        block_id, entries = {}, []
         for d in range(u_count):
             for u_prime in range(u_count - d):
-                block = self.main[d].clone()
+                k = block_id.setdefault((d, u_prime), len(block_id))
+                entries.append((k, d, 1.0))
                 for t in range(u_prime):
-                    block += edge[(d, w_out + t)] - edge[(d, t)]
-                gram4[:, u_prime + d, :, u_prime] = block
-                gram4[:, u_prime, :, u_prime + d] = block.T
-        j = torch.arange(self.kw, device=gram4.device)  # (c, i, a, u) -> (c, i, j = sw·u + a), no phantom taps
-        index = ((torch.arange(self.chans * self.kh, device=j.device)[:, None] * self.sw + j % self.sw) * u_count
-                 + j // self.sw).reshape(-1)
-        return gram4.reshape(self.m * u_count, -1)[index][:, index]
+                    entries += [(k, edge_index[(d, self.w_out + t)], 1.0), (k, edge_index[(d, t)], -1.0)]
+        selection = torch.sparse_coo_tensor(
+            torch.tensor([[k for k, _, _ in entries], [t for _, t, _ in entries]], dtype=torch.long, device=device),
+            torch.tensor([v for _, _, v in entries], dtype=torch.float64, device=device),
+            (len(block_id), u_count + len(self.edges)), check_invariants=False).coalesce()
+        self.selection = {dtype: selection.to(dtype) for dtype in (torch.float32, torch.float64)}
+        # Gram entry ((c, i, j), (c', i', j')): k = (c, i, j mod sw), u = j // sw; u ≥ u': block (u - u', u') at
+        # (k, k'), else the transpose: block (u' - u, u) at (k', k)
+        ci = torch.arange(chans * self.kh)[:, None]
+        j = torch.arange(self.kw)[None, :]
+        k = (ci * self.sw + j % self.sw).reshape(-1)
+        u = (j // self.sw).expand(chans * self.kh, -1).reshape(-1)
+        ids = torch.full((u_count, u_count), -1, dtype=torch.long)
+        for (d, u_prime), b in block_id.items():
+            ids[u_prime + d, u_prime] = b
+            ids[u_prime, u_prime + d] = b
+        upper = u[:, None] >= u[None, :]
+        kk = torch.where(upper, k[:, None] * m + k[None, :], k[None, :] * m + k[:, None])
+        self.order = (ids[u[:, None], u[None, :]] * m * m + kk).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shifted_plan(chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int,
+                  device: torch.device) -> _ShiftedPlan:
+    return _ShiftedPlan(chans, kernel_size, stride, w_in, device)
 
 
 def _linear_patch_stats(x: torch.Tensor, keep_rows: bool) -> Tuple[torch.Tensor, int]:
@@ -393,40 +736,83 @@ def patch_gram(x: torch.Tensor, geom: Optional[ConvGeometry] = None) -> Tuple[to
     return _conv_patch_stats(x, geom, keep_rows=False)
 
 
+# systems up to this n are factorized and solved in float64 (stems: n = 27-147; cheap next to the Gram), larger ones
+# (ViT patch embeds, n = 768) in the Gram's dtype
+_FLOAT64_SOLVE_MAX_N = 384
+
+
 def _pd_error(system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float) -> NotPositiveDefiniteError:
-    """The error for a failed factorization, telling a non-finite input from a finite input scale too large."""
+    """The error for a failed factorization, naming the case: NaN/Inf in the input; a Gram that overflows; an input far
+    from zero mean whose Gram lost the digits λ needs; a rank-deficient Gram with a λ too small for its scale."""
     head = 'TrAct: the system XᵀX/N + λI is not positive definite'
     if x is not None and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         return NotPositiveDefiniteError(
             f'{head}: the first layer input holds {bad} NaN/Inf value(s). Check the input batch (data pipeline, '
             f'augmentation, an earlier fp16 overflow); TrAct wrote no gradient for this step.')
-    if x is None and not bool(torch.isfinite(system).all()):
+    finite = bool(torch.isfinite(system).all())
+    if x is None and not finite:
         return NotPositiveDefiniteError(
-            f'{head}: XᵀX holds NaN/Inf (NaN/Inf in the input, or an input scale so large that XᵀX overflows '
-            f'{system.dtype}). Check the input batch for NaN/Inf, standardize it to mean 0 / std 1, '
-            f'or raise tract_lambda.')
-    scale = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
+            f'{head}: XᵀX holds NaN/Inf (NaN/Inf in the input, or an input scale so large that XᵀX overflows its '
+            f'dtype). Check the input batch for NaN/Inf, standardize it to mean 0 / std 1, or raise tract_lambda.')
+    max_abs = f' (max |x| = {float(x.abs().max()):.3g})' if x is not None else ''
+    if not finite:
+        return _scale_error(head, max_abs, system, tract_lambda)
+    diag = system.diagonal(dim1=-2, dim2=-1)
+    scale = float(diag.max()) - tract_lambda  # the largest diagonal entry of XᵀX/N (λ·s in relative mode: ~0)
+    if x is not None:
+        xd = x.double()
+        mean, std = float(xd.mean()), float(xd.std()) if xd.numel() > 1 else 0.0
+        if x.dtype != torch.float64 and abs(mean) > 10 * std:
+            return NotPositiveDefiniteError(
+                f'{head}: the input is far from zero mean (mean {mean:.3g}, std {std:.3g}), so its '
+                f'{_gram_dtype(x.dtype)} Gram XᵀX/N (entries up to {scale:.3g}) lost the digits λ={tract_lambda:g} '
+                f'needs. Standardize the input (subtract the mean, e.g. timm\'s mean/std normalization), or compute '
+                f'this layer in float64.')
+    eps = torch.finfo(system.dtype).eps
+    if tract_lambda <= system.shape[-1] * eps * max(scale, 0.0):
+        return NotPositiveDefiniteError(
+            f'{head}: λ={tract_lambda:g} is below the {system.dtype} resolution of XᵀX/N (largest entry '
+            f'{scale:.3g}), and XᵀX is rank-deficient (fewer distinct patches than n = {system.shape[-1]}, e.g. '
+            f'constant or heavily padded images), so the system is singular at this precision. Raise tract_lambda '
+            f'(or use tract_lambda_mode=\'relative\', which scales λ with the input).')
+    return _scale_error(head, max_abs, system, tract_lambda)
+
+
+def _scale_error(head: str, max_abs: str, system: torch.Tensor, tract_lambda: float) -> NotPositiveDefiniteError:
     return NotPositiveDefiniteError(
-        f'{head}: the input is finite but its scale{scale} is too large for a {system.dtype} Gram (XᵀX/N '
+        f'{head}: the input is finite but its scale{max_abs} is too large for a {system.dtype} Gram (XᵀX/N '
         f'overflows, or λ={tract_lambda:g} is lost against it). Standardize the input to mean 0 / std 1 (the '
         f'scale the paper\'s λ is meant for), or raise tract_lambda.')
 
 
-def _check_pd(info: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float) -> None:
-    """Fail loudly (not with NaN weights) when the TrAct system is not positive definite.
+def _cholesky(a: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Cholesky factor of the TrAct system `a` (g, k, k) and its LAPACK info (CPU: None, checked already)."""
+    if a.device.type == 'cpu' and not torch.compiler.is_compiling():
+        try:
+            return torch.linalg.cholesky(a), None
+        except torch.linalg.LinAlgError:
+            raise _pd_error(a, x, tract_lambda) from None
+    return torch.linalg.cholesky_ex(a)
 
-    CPU: a `NotPositiveDefiniteError` naming the cause. Accelerators (and while compiling): a device-side assert
-    (`torch._assert_async`), which never makes the host wait for the device (no sync per step, CUDA-graph safe);
-    the failure surfaces at the next synchronization as a device-side assert.
+
+def _check_solution(info: Optional[torch.Tensor], out: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor],
+                    tract_lambda: float) -> None:
+    """Fail loudly (not with NaN weights) when the TrAct system is not positive definite or not finite.
+
+    CPU: the factorization raised already for a non-positive-definite system (`_cholesky`); a NaN/Inf solution (NaN/Inf
+    in the system, which LAPACK does not always report) raises a `NotPositiveDefiniteError` naming the cause.
+    Accelerators (and while compiling): a device-side assert (`torch._assert_async`), which never makes the host wait
+    for the device (no sync per step, CUDA-graph safe); the failure surfaces at the next synchronization.
     """
-    if system.device.type == 'meta':
+    if out.device.type == 'meta':
         return
-    ok = (info == 0).all() & torch.isfinite(system).all()
-    if system.device.type != 'cpu' or torch.compiler.is_compiling():
+    if out.device.type != 'cpu' or torch.compiler.is_compiling():
+        ok = (info.sum() + out.sum() * 0) == 0  # NaN when the solution is not finite
         torch._assert_async(ok, 'TrAct: the system XᵀX/N + λI is not positive definite (NaN/Inf in the first layer '
                                 'input, or an input scale too large); standardize the input or raise tract_lambda.')
-    elif not bool(ok):
+    elif not math.isfinite(float(out.sum())):
         raise _pd_error(system, x, tract_lambda)
 
 
@@ -455,25 +841,30 @@ def _precondition(
         x: Optional[torch.Tensor],
         lambda_mode: str = DEFAULT_LAMBDA_MODE,
 ) -> torch.Tensor:
-    """`tract_precondition` without validating λ; `x` (the layer input, or None) only names the cause of a failure."""
+    """`tract_precondition` without validating λ; `x` (the layer input, or None) only names the cause of a failure.
+
+    The N×N Woodbury system is solved in float64 (its rows are float64); the n×n system in float64 up to
+    n = `_FLOAT64_SOLVE_MAX_N`, else in the Gram's dtype."""
     g, n = stats.shape[0], stats.shape[-1]
-    p = grad_w.reshape(g, -1, n).to(stats.dtype)  # (g, m_g, n)
+    solve_dtype = torch.float64 if rows_form or n <= _FLOAT64_SOLVE_MAX_N else stats.dtype
+    p = grad_w.reshape(g, -1, n).to(solve_dtype)  # (g, m_g, n)
     lam = tract_lambda if lambda_mode == 'absolute' else tract_lambda * _relative_scale(stats, num_rows, rows_form)
     if rows_form:
         # P (XᵀX/N + λI)⁻¹ = (P - (P Xᵀ) (NλI + XXᵀ)⁻¹ X) / λ
         rows = stats
         k = torch.matmul(rows, rows.transpose(1, 2))
         k.diagonal(dim1=1, dim2=2).add_(num_rows * lam if isinstance(lam, float) else (num_rows * lam).view(g, 1))
-        chol, info = torch.linalg.cholesky_ex(k)
-        _check_pd(info, k, x, tract_lambda)
+        chol, info = _cholesky(k, x, tract_lambda)
         y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol)  # (g, N, m_g)
         out = (p - torch.matmul(y.transpose(1, 2), rows)) / lam
+        system = k
     else:
-        a = stats / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
-        a.diagonal(dim1=1, dim2=2).add_(lam if isinstance(lam, float) else lam.view(g, 1))
-        chol, info = torch.linalg.cholesky_ex(a)
-        _check_pd(info, a, x, tract_lambda)
+        a = stats.to(solve_dtype) / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
+        a.diagonal(dim1=1, dim2=2).add_(lam if isinstance(lam, float) else lam.view(g, 1).to(solve_dtype))
+        chol, info = _cholesky(a, x, tract_lambda)
         out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
+        system = a
+    _check_solution(info, out, system, x, tract_lambda)
     return out.reshape(grad_w.shape).to(grad_w.dtype)
 
 
@@ -497,7 +888,7 @@ def tract_precondition(
     Returns:
         The TrAct gradient, shape and dtype of `grad_w`.
     Raises:
-        NotPositiveDefiniteError (CPU) when the system cannot be factorized (see `_check_pd` for accelerators).
+        NotPositiveDefiniteError (CPU) when the system cannot be factorized (see `_check_solution` for accelerators).
     """
     return _precondition(grad_w, stats, num_rows, check_lambda(tract_lambda), rows_form, None,
                          check_lambda_mode(tract_lambda_mode))
