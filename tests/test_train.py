@@ -167,7 +167,7 @@ def test_same_seed_same_run_and_different_seed_differs(data_dir, tmp_path):
     a = train(_args(data_dir, tmp_path, 'a', opt='tract-sgd'))
     b = train(_args(data_dir, tmp_path, 'b', opt='tract-sgd'))
     c = train(_args(data_dir, tmp_path, 'c', opt='tract-sgd', seed=8))
-    assert a['history'][0]['train_loss'] == b['history'][0]['train_loss'] != c['history'][0]['train_loss']
+    assert a.history[0]['train_loss'] == b.history[0]['train_loss'] != c.history[0]['train_loss']
 
 
 @pytest.mark.slow
@@ -211,9 +211,9 @@ def test_resume_after_kill_continues_at_the_right_epoch_with_same_optimizer_stat
 
     # ... and resumed into its own dir: epochs 1 and 2 only, same weights, EMA and optimizer state as the full run
     resumed = train(_args(data_dir, tmp_path, 'part', resume=part / 'last.pth.tar', **kw))
-    assert [h['epoch'] for h in resumed['history']] == [0, 1, 2]  # summary.csv continued, no duplicate rows
-    assert [h['train_loss'] for h in resumed['history']] == pytest.approx(
-        [h['train_loss'] for h in full['history']], rel=1e-5)
+    assert [h['epoch'] for h in resumed.history] == [0, 1, 2]  # summary.csv continued, no duplicate rows
+    assert [h['train_loss'] for h in resumed.history] == pytest.approx(
+        [h['train_loss'] for h in full.history], rel=1e-5)
     ck_full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=False)
     ck_part = torch.load(part / 'last.pth.tar', weights_only=False)
     assert ck_part['epoch'] == ck_full['epoch'] == 2
@@ -249,7 +249,7 @@ def test_kill_during_checkpoint_write_leaves_last_checkpoint_intact(data_dir, tm
     assert not any(p.endswith('last.pth.tar') for p in unlinked)  # replaced by rename only, never removed first
     assert load_checkpoint_metadata(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
     resumed = train(_args(data_dir, tmp_path, epochs=2, resume=tmp_path / 'run' / 'last.pth.tar'))
-    assert [h['epoch'] for h in resumed['history']] == [0, 1]
+    assert [h['epoch'] for h in resumed.history] == [0, 1]
 
 
 @pytest.mark.slow
@@ -291,7 +291,7 @@ def test_tract_optimizer_equals_tract_model(data_dir, tmp_path, arch, model_kwar
     via_opt = train(_args(data_dir, tmp_path, 'opt', model=arch, opt='tract-sgd', **common))
     via_model = train(_args(data_dir, tmp_path, 'model', model=arch + '_tract', opt='sgd', **common))
     plain = train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
-    assert via_opt['history'][0]['train_loss'] == pytest.approx(via_model['history'][0]['train_loss'], rel=1e-5)
+    assert via_opt.history[0]['train_loss'] == pytest.approx(via_model.history[0]['train_loss'], rel=1e-5)
     a = load_state_dict(str(tmp_path / 'opt' / 'last.pth.tar'))
     b = load_state_dict(str(tmp_path / 'model' / 'last.pth.tar'))
     c = load_state_dict(str(tmp_path / 'plain' / 'last.pth.tar'))

@@ -1,12 +1,14 @@
 """ `timm-tract` command line: thin argument parsing over the package's functions.
 
 Exit codes: 0 success; 2 a user error (bad flag or value, missing file, a run that cannot be resumed, a Hub call that
-kept failing), reported as one line on stderr; 130 interrupted. `--debug` (or TIMM_TRACT_DEBUG=1) adds the traceback
-of user errors; programming errors always show theirs.
+kept failing, stdout closed early as in `timm-tract data | true`), reported as one line on stderr; 130 interrupted
+(Ctrl-C); 143 stopped by SIGTERM (compare: workers stopped, partial report written, the same command resumes).
+`--debug` (or TIMM_TRACT_DEBUG=1) adds the traceback of user errors; programming errors always show theirs.
 """
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -240,7 +242,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except TimmTractError as e:
         if args.debug:
             import traceback
@@ -248,9 +252,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = ' '.join(str(e).split())  # one line, whatever the message holds
         print(f'timm-tract {args.command}: error: {message}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f'timm-tract {args.command}: interrupted', file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `timm-tract data | true`: the reader went away before the output was written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        print(f'timm-tract {args.command}: error: stdout was closed before the output was written (broken pipe); '
+              f'read the whole output, e.g. DIR="$(timm-tract {args.command} ...)".', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated) where a command stops on it
+        signum = getattr(e, 'signum', signal.SIGINT)
+        how = 'interrupted' if signum == signal.SIGINT else f'stopped by {signal.Signals(signum).name}'
+        print(f'timm-tract {args.command}: {how}', file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == '__main__':
