@@ -102,8 +102,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError(f'--validation-batch-size must be >= 1, got {args.validation_batch_size}.')
     if args.workers < 0:
         raise TrainError('--workers must be >= 0 (0 loads the data in the training process).')
-    if args.lr is not None and not args.lr >= 0:
-        raise TrainError(f'--lr must be >= 0, got {args.lr}.')
+    for flag, value in (('--lr', args.lr), ('--warmup-lr', args.warmup_lr), ('--min-lr', args.min_lr),
+                        ('--weight-decay', args.weight_decay)):
+        if value is not None and not value >= 0:
+            raise TrainError(f'{flag} must be >= 0, got {value}.')
     if args.checkpoint_hist < 1:
         raise TrainError(f'--checkpoint-hist must be >= 1 (checkpoints kept besides last.pth.tar), got '
                          f'{args.checkpoint_hist}.')
