@@ -127,7 +127,7 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_and_exits_130(data, tmp_
 
 
 def test_a_running_compare_folder_is_refused_and_other_settings_do_not_resume(data, tmp_path):
-    out, runs = tmp_path / 'out', tmp_path / 'out' / 'cmp' / 'runs'
+    out = tmp_path / 'out'
     command = _command(data, out)
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,5 @@
-""" `timm-tract train` / `timm_tract.train.train`: train.py's call sequence, flags and outputs, on a tiny ImageFolder. """
+""" `timm-tract train` / `timm_tract.train.train`: train.py's call sequence, flags and outputs, on a tiny
+ImageFolder. """
 import argparse
 import csv
 import os
@@ -290,7 +291,7 @@ def test_tract_optimizer_equals_tract_model(data_dir, tmp_path, arch, model_kwar
     common = dict(img_size=32, model_kwargs=model_kwargs, smoothing=0)
     via_opt = train(_args(data_dir, tmp_path, 'opt', model=arch, opt='tract-sgd', **common))
     via_model = train(_args(data_dir, tmp_path, 'model', model=arch + '_tract', opt='sgd', **common))
-    plain = train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
+    train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
     assert via_opt.history[0]['train_loss'] == pytest.approx(via_model.history[0]['train_loss'], rel=1e-5)
     a = load_state_dict(str(tmp_path / 'opt' / 'last.pth.tar'))
     b = load_state_dict(str(tmp_path / 'model' / 'last.pth.tar'))
@@ -305,7 +306,8 @@ TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')  # path to train.py of a timm reposit
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAIN_PY, reason='set TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py to run timm\'s train.py')
+@pytest.mark.skipif(not TRAIN_PY,
+                    reason='set TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py to run timm\'s train.py')
 @pytest.mark.parametrize('model,opt', [('resnet10t', 'tract-sgd'), ('resnet10t_tract', 'sgd')])
 def test_timm_train_py_with_device_modules(data_dir, tmp_path, model, opt):
     import subprocess
@@ -360,7 +362,8 @@ def test_grad_accum_last_partial_window_is_scaled_by_its_real_size(data_dir, tmp
         optimizer.step = recording_step
         return optimizer
     monkeypatch.setattr(tract_train, '_create_optimizer', recording_optimizer)
-    train(_args(data_dir, tmp_path, grad_accum_steps=2, smoothing=0., opt='momentum', momentum=0., weight_decay=0., val_split=''))
+    train(_args(data_dir, tmp_path, grad_accum_steps=2, smoothing=0., opt='momentum', momentum=0., weight_decay=0.,
+                val_split=''))
     assert len(batches) == 3 and [n for *_, n in steps] == [2, 3]
 
     reference = timm.create_model('resnet10t', num_classes=2)

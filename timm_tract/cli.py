@@ -38,7 +38,8 @@ def _add_data(sub) -> None:
     p = sub.add_parser(
         'data', help='print the path of a data set ready for --data-dir: the embedded one (default) or Fashion-MNIST',
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Prepare a data set and print its root on stdout (usable as --data-dir "$(timm-tract data ...)").\n\n'
+        description='Prepare a data set and print its root on stdout (usable as --data-dir '
+                    '"$(timm-tract data ...)").\n\n'
                     'embedded (default): real digit scans on real photographs, 32x32 RGB, 10 classes, train/ and '
                     'validation/ ImageFolder, built on first use (~10 s) in $TIMM_TRACT_DATA, else '
                     '~/.cache/timm-tract/.\n'
@@ -102,13 +103,15 @@ def _add_publish(sub) -> None:
                     'model card, train_hparams.yaml, results.csv; then create the repo and upload it in one commit. '
                     'The token comes from --token, HF_TOKEN or `hf auth login` and is never printed or written.')
     p.add_argument('run_dir', metavar='RUN_DIR', help='training output directory')
-    p.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repository, e.g. me/resnet18_tract.tract_cifar10')
+    p.add_argument('--repo-id', required=True,
+                   help='ORG/NAME of the Hub repository, e.g. me/resnet18_tract.tract_cifar10')
     p.add_argument('--checkpoint', default='best', help='best (default), last, or a checkpoint file path')
     p.add_argument('--no-ema', action='store_true', help='publish the raw weights even when the run has EMA weights')
     p.add_argument('--dry-run', action='store_true', help='only write the repository folder (RUN_DIR/hub/NAME)')
     p.add_argument('--output-dir', default=None, help='write the repository folder here and upload nothing')
     p.add_argument('--license', default='apache-2.0', help='license id for the card (default apache-2.0)')
-    p.add_argument('--label-names', default=None, help='text file with one class name per line (default: from the data)')
+    p.add_argument('--label-names', default=None,
+                   help='text file with one class name per line (default: from the data)')
     p.add_argument('--dataset-id', default=None, help='Hub dataset id for the card (default: known from --dataset)')
     p.add_argument('--dataset-name', default=None,
                    help='data set name for the card (default: the known data set, the embedded set\'s name, else the '

@@ -12,7 +12,12 @@ Differences from train.py, all in the direction of reproducible, comparable runs
 - the data order of epoch e is a function of (--seed, e) only: the same in a baseline and a TrAct run, in a resumed
   run, and the same global batches for 1 process and for N torchrun processes (global batch = N × --batch-size);
 - `--device` defaults to cuda when available, else cpu; torchrun DDP also runs on cpu (gloo);
-- an existing output dir is never trained over unless the run resumes from a checkpoint inside it;
+- an existing output dir is never trained over unless the run resumes from a checkpoint inside it, and a run claims
+  its directory (`rundir.claim_dir`, a lock the kernel drops when the process dies): a second run started into the
+  same --output/--experiment is refused; --experiment must name a folder inside --output;
+- every flag is checked before anything is built or written (`check_train_args`); errors timm or torch raise on bad
+  flags while the model, data, optimizer or scheduler are built become one TrainError naming the flags to fix;
+- resuming a TrAct run (TrAct layers or a tract-* optimizer in its checkpoint's args) without TrAct is refused;
 - `last.pth.tar` is replaced atomically (temp file + rename), so a kill never leaves it corrupt or missing; a failed
   checkpoint write removes its temp file, keeps the previous `last.pth.tar` and stops with a TrainError saying how to
   resume; summary.csv gets an epoch's row only once its checkpoint is on disk;

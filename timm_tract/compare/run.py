@@ -1,5 +1,11 @@
-""" `timm-tract compare`: the command. Builds the runs of every (budget, seed, method), trains them through
-`compare.runner`, and writes the report of `compare.report` with the statistics of `compare.stats`.
+""" `timm-tract compare`: the command. Builds the runs of every (budget, seed, method), checks each one's arguments
+with train's own checks (before anything trains or the folder is created), trains them through `compare.runner`, and
+writes the report of `compare.report` with the statistics of `compare.stats`.
+
+The folder is claimed for the process (`rundir.claim_dir`). `runs/plan.json` holds every run's train arguments and
+`runs/<run>.json` each finished run's record; a compare stopped by Ctrl-C, SIGTERM or a failing run writes a partial
+report (marked `partial` in report.json) and the same command resumes it: finished runs are reused, unfinished ones
+are removed and trained again. A folder with a finished report, other settings, or foreign content is refused.
 """
 import argparse
 import datetime
