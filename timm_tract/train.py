@@ -69,13 +69,13 @@ _FLAG_HINTS = {  # the flags each construction phase reads: named in its error l
 @contextmanager
 def _user_input(phase: str):
     """Errors timm and torch raise while building the `phase` ('model', 'data', 'optimizer', 'scheduler') from the
-    flags (ValueError, TypeError, AssertionError, OSError) become one TrainError naming the phase's flags; the
+    flags (ValueError, TypeError, KeyError, AssertionError, OSError) become one TrainError naming the phase's flags; the
     original stays chained (`--debug` shows it). Errors outside these phases keep their traceback."""
     try:
         yield
     except TimmTractError:
         raise
-    except (ValueError, TypeError, AssertionError, OSError) as e:
+    except (ValueError, TypeError, KeyError, AssertionError, OSError) as e:
         detail = ' '.join(str(e).split()) or 'no message'
         raise TrainError(f'building the {phase} from the flags failed ({type(e).__name__}: {detail}); check '
                          f'{_FLAG_HINTS[phase]}.') from e
@@ -121,6 +121,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise TrainError(f'{flag} has {len(values)} values for {_given_in_chans(args)} input channels: give one '
                              f'value per channel (or one for all).')
     _check_device(args.device)
+    _check_ranges(args)
     for flag, value in (('--tract-lambda', args.tract_lambda),
                         ('--model-kwargs tract_lambda', (args.model_kwargs or {}).get('tract_lambda')),
                         ('--opt-kwargs tract_lambda', (args.opt_kwargs or {}).get('tract_lambda'))):
@@ -137,6 +138,45 @@ def _check_args(args: argparse.Namespace) -> None:
     check_experiment(args.experiment, root)
     if args.resume and not os.path.isfile(args.resume):
         raise TrainError(f'--resume {args.resume!r} is not a file (expected e.g. <output dir>/last.pth.tar).')
+
+
+_CLIP_MODES = ('norm', 'value', 'agc')
+_DIST_BN = ('', 'broadcast', 'reduce')
+_LR_BASE_SCALES = ('', 'linear', 'sqrt')
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Probabilities, sizes and names timm only rejects mid-run (in a data-loader transform, the first forward, the
+    first clipped step) or not at all."""
+    from timm.data.transforms import str_to_interp_mode
+    for flag, value, high in (('--drop', args.drop, 1.), ('--drop-path', args.drop_path, 1.),
+                              ('--reprob', args.reprob, 1.), ('--hflip', args.hflip, 1.), ('--vflip', args.vflip, 1.),
+                              ('--model-ema-decay', args.model_ema_decay, 1.)):
+        if value is not None and not 0. <= value <= high:
+            raise TrainError(f'{flag} is a probability (0 to 1), got {value}.')
+    if not 0. <= args.smoothing < 1.:
+        raise TrainError(f'--smoothing must be in [0, 1), got {args.smoothing}.')
+    if args.crop_pct is not None and not args.crop_pct > 0:
+        raise TrainError(f'--crop-pct must be > 0, got {args.crop_pct}.')
+    sizes = ([args.img_size] if args.img_size is not None else []) + list(args.input_size or [])
+    if any(v < 1 for v in sizes):
+        raise TrainError(f'--img-size and --input-size must be >= 1, got --img-size {args.img_size} --input-size '
+                         f'{args.input_size}.')
+    for flag, name, extra in (('--interpolation', args.interpolation, ('',)),
+                              ('--train-interpolation', args.train_interpolation, ('random',))):
+        if name not in extra:
+            try:
+                str_to_interp_mode(name)
+            except KeyError:
+                raise TrainError(f'{flag} {name!r} is not an interpolation: nearest, bilinear, bicubic, box, hamming, '
+                                 f'lanczos' + (', random' if 'random' in extra else '') + '.') from None
+    for flag, value, choices in (('--clip-mode', args.clip_mode, _CLIP_MODES), ('--dist-bn', args.dist_bn, _DIST_BN),
+                                 ('--lr-base-scale', args.lr_base_scale, _LR_BASE_SCALES)):
+        if value not in choices:
+            raise TrainError(f'{flag} must be one of {", ".join(repr(c) for c in choices)}, got {value!r}.')
+    if args.torchcompile and args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
+        raise TrainError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend: '
+                         f'{", ".join(torch.compiler.list_backends())}.')
 
 
 def _check_device(device: str) -> None:
