@@ -193,6 +193,14 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path):
+    """The JSON value in `path`, None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
     """Runs a stopped compare in `out_dir` finished (to reuse); removes what its unfinished runs left (to redo).
     Empty for a new folder; OutputExistsError for a folder that holds anything else, a finished comparison, or a
@@ -205,19 +213,20 @@ def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
         raise OutputExistsError(f'compare output {out_dir} exists and is not empty; pick another --experiment or '
                                 f'--output (nothing was overwritten).')
     report_path = out_dir / rundir.COMPARE_REPORT
-    if report_path.is_file() and not json.loads(report_path.read_text()).get('partial'):
+    if report_path.is_file() and not (_read_json(report_path) or {}).get('partial'):
         raise OutputExistsError(f'compare output {out_dir} holds a finished comparison ({report_path}); pick another '
                                 f'--experiment or --output (nothing was overwritten).')
-    if json.loads(plan_path.read_text()) != plan:
+    if _read_json(plan_path) != plan:
         raise OutputExistsError(f'compare output {out_dir} holds a stopped comparison with other settings; resume it '
                                 f'with its own command (see {report_path.name}), or pick another --experiment '
                                 f'(nothing was overwritten).')
     finished = {}
     for name in plan:
-        record = runs_dir / f'{name}.json'
-        if record.is_file():
-            finished[name] = json.loads(record.read_text())
+        record = _read_json(runs_dir / f'{name}.json')
+        if isinstance(record, dict) and record.get('history'):
+            finished[name] = record
             continue
+        (runs_dir / f'{name}.json').unlink(missing_ok=True)
         shutil.rmtree(runs_dir / name, ignore_errors=True)
         (runs_dir / f'{name}.log').unlink(missing_ok=True)
     return finished
