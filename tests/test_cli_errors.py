@@ -91,6 +91,10 @@ def results(tmp_path_factory, image_folder):
                                   '--budgets', '1', '--seeds', '0', '--experiment', 'c2']
     cases['compare-sched'] = ['compare', *base[1:-2], '--output', str(out / 'cmp'), '--sched', 'bogus',
                               '--budgets', '1', '--seeds', '0', '--experiment', 'c3']
+    cases['compare-tract-lambda'] = ['compare', *base[1:-2], '--output', str(out / 'cmp'), '--tract-lambda', '-1',
+                                     '--budgets', '1', '--seeds', '0', '--experiment', 'c4']
+    cases['compare-experiment'] = ['compare', *base[1:-2], '--output', str(out / 'cmp'), '--budgets', '1',
+                                   '--seeds', '0', '--experiment', '../escape']
     cases['data-source'] = ['data', '--source', '/nonexistent']  # a TimmTractError raised inside the subcommand
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TIMM_TRACT_DEBUG': '0'}
     proc = subprocess.run([sys.executable, '-c', _DRIVER, json.dumps(cases)], capture_output=True, text=True,
@@ -100,7 +104,7 @@ def results(tmp_path_factory, image_folder):
 
 
 @pytest.mark.parametrize('name', [*_BAD_TRAIN_FLAGS, 'compare-lr', 'compare-val-split', 'compare-sched',
-                                  'data-source'])
+                                  'compare-tract-lambda', 'compare-experiment', 'data-source'])
 def test_bad_command_line_is_one_line_and_exit_2(results, name):
     seen, out = results
     result = seen[name]
