@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def _descendants(pid: int) -> set:
     """Every living process below `pid` (from /proc: psutil is not a dependency)."""
@@ -87,6 +85,7 @@ def _assert_stopped(proc, err, seen, started, runs: Path, code: int, word: str):
     return finished
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_worker_writes_a_partial_report_and_the_same_command_resumes(data, tmp_path):
     out, runs = tmp_path / 'out', tmp_path / 'out' / 'cmp' / 'runs'
     command = _command(data, out)
@@ -118,6 +117,7 @@ def test_sigterm_stops_every_worker_writes_a_partial_report_and_the_same_command
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_every_worker_and_exits_130(data, tmp_path):
     out, runs = tmp_path / 'out', tmp_path / 'out' / 'cmp' / 'runs'
     proc, err, seen, started, took = _start_and_stop(_command(data, out), runs, signal.SIGINT, group=True)
@@ -126,6 +126,7 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_and_exits_130(data, tmp_
     assert json.loads((out / 'cmp' / 'report.json').read_text())['partial']['reason'] == 'interrupted (Ctrl-C)'
 
 
+@pytest.mark.slow
 def test_a_running_compare_folder_is_refused_and_other_settings_do_not_resume(data, tmp_path):
     out = tmp_path / 'out'
     command = _command(data, out)
@@ -146,3 +147,26 @@ def test_a_running_compare_folder_is_refused_and_other_settings_do_not_resume(da
         other = subprocess.run(command[:-4] + ['--lr', '0.01'] + command[-4:], capture_output=True, text=True,
                                timeout=120)
         assert other.returncode == 2 and 'stopped comparison with other settings' in other.stderr, other.stderr
+
+
+def test_a_claim_is_exclusive_across_processes_and_dies_with_its_process(tmp_path):
+    """`rundir.claim_dir`: a second process is refused (naming the holder's pid) while the first holds the claim; a
+    holder killed by SIGKILL leaves no stale claim (the kernel drops the lock); release removes the lock file."""
+    from timm_tract.errors import OutputExistsError
+    from timm_tract.rundir import LOCK_FILE, claim_dir
+
+    hold = ('import sys, time\nfrom timm_tract.rundir import claim_dir\nclaim_dir(sys.argv[1])\nprint("held", '
+            'flush=True)\ntime.sleep(60)\n')
+    holder = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(OutputExistsError, match=rf'in use by another timm-tract process \(pid {holder.pid}\)'):
+            claim_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert (tmp_path / LOCK_FILE).exists()  # left behind by the killed holder ...
+    claim = claim_dir(tmp_path)  # ... but not held by anyone
+    assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+    claim.release()
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -307,20 +307,31 @@ class DirClaim:
 
 def claim_dir(path: PathLike, what: str = 'folder') -> DirClaim:
     """Claim the existing directory `path` for this process; OutputExistsError (one line naming the holder's pid)
-    when another process holds it."""
-    import fcntl
+    when another process holds it. Where the OS or file system has no flock (Windows, some network file systems)
+    the lock file is written but nothing is excluded."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
 
     lock = Path(path) / LOCK_FILE
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f'{what} {path}: cannot create {LOCK_FILE} in it ({e.strerror or e}); pick another '
+                              f'--output.') from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors='replace').strip()
             os.close(fd)
             raise OutputExistsError(
                 f'{what} {path} is in use by another timm-tract process' + (f' (pid {holder})' if holder else '')
                 + ': wait for it to finish, or pick another --experiment / --output.') from None
+        except OSError:  # ENOLCK and the like: this file system cannot lock
+            break
         try:  # the holder may have released (removed) the file between our open and flock: claim the new one
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

@@ -834,12 +834,17 @@ def _check_construction(args: argparse.Namespace) -> None:
     meta = argparse.Namespace(**vars(args))
     meta.pretrained, meta.initial_checkpoint = False, ''
     meta.world_size = getattr(args, 'world_size', None) or int(os.environ.get('WORLD_SIZE', 1))
-    with torch.device('meta'):
-        model, opt_kwargs = _build_model(meta)
-        with _user_input('data'):
-            _check_channels(meta, _model_in_chans(meta, model))
-        optimizer = _build_optimizer(meta, model, opt_kwargs)
-        _build_scheduler(meta, optimizer, updates_per_epoch=1)
+    try:
+        with torch.device('meta'):
+            model, opt_kwargs = _build_model(meta)
+            with _user_input('data'):
+                _check_channels(meta, _model_in_chans(meta, model))
+            optimizer = _build_optimizer(meta, model, opt_kwargs)
+            _build_scheduler(meta, optimizer, updates_per_epoch=1)
+    except RuntimeError as e:  # a model whose __init__ reads tensor values cannot be built on meta: train checks it
+        if 'meta' not in str(e):
+            raise
+        _logger.debug(f'{args.model} cannot be built on the meta device ({e}); its run checks it when it starts')
 
 
 def _build_run(args: argparse.Namespace) -> _Run:
