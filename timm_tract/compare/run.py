@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..errors import CompareError, OutputExistsError, TimmTractError
 from ..flags import HelpFormatter, build_train_parser, train_flags
-from ..train import check_experiment
+from ..train import check_experiment, check_train_args
 from ..naming import TRACT_OPT_PREFIX, is_tract_optimizer, tract_base_arch, twin_model_name
 from .. import rundir
 from .report import build_report, format_duration, load_average, write_report
@@ -172,8 +172,6 @@ _PLAN = 'plan.json'  # runs/plan.json: every run's train arguments; runs/<run>.j
 def _check_runs(tasks: List[dict]) -> None:
     """Every run's arguments through train's own checks (model, optimizer and scheduler built on the meta device),
     before the first run trains or the folder is created."""
-    from ..train import check_train_args
-
     for task in tasks:
         try:
             check_train_args(task['kwargs']['ns'], build=True)
@@ -245,14 +243,13 @@ def _write_partial(out_dir: Path, runs: List[dict], planned: int, reason: str, c
                    report_kwargs: dict) -> Path:
     """report.json / report.md of the runs that finished, marked partial: the full statistics where both methods
     have runs, else a list of the finished runs. Returns the Markdown path."""
-    from .report import write_report
     partial = {'finished': len(runs), 'planned': planned, 'reason': reason, 'resume': command}
     note = (f'> **Partial report**: {len(runs)} of {planned} runs finished ({reason}). Run `{command}` again to '
             f'resume: finished runs are reused, the others trained.\n\n')
     md = out_dir / rundir.COMPARE_REPORT_MD
     try:
         report = build_report(runs, **report_kwargs, partial=partial)
-    except CompareError:  # not both methods yet: no statistics, the list of finished runs
+    except ValueError:  # CompareError: not both methods yet; no statistics, the list of finished runs
         _write_json(out_dir / rundir.COMPARE_REPORT, {'partial': partial, 'runs': runs})
         rows = [f"| {Path(r['output_dir']).name} | {r['top1']:.2f} | {r['wall_s']:.1f} |" for r in runs]
         md.write_text(note + '\n'.join(['| run | top-1 % | wall-clock s |', '|---|---|---|', *rows]) + '\n')
