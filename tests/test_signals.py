@@ -57,11 +57,13 @@ def _start_and_stop(command: list, runs: Path, signum: int, group: bool):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline, seen = time.time() + 240, set()
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:  # a run finished and both workers train the next ones
         seen |= _descendants(proc.pid)
-        if runs.is_dir() and any(p.name != 'plan.json' for p in runs.glob('*.json')):
-            break
-        time.sleep(0.1)
+        if runs.is_dir():
+            finished = [p for p in runs.glob('*-s*.json')]
+            if finished and len(list(runs.glob('*.log'))) == len(finished) + 2:
+                break
+        time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()
     seen |= _descendants(proc.pid)
     started = {p.name for p in runs.glob('*.log')}

@@ -134,7 +134,8 @@ class _Worker:
     def __init__(self, ctx, threads: Optional[int], fn: Callable[..., dict]):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, threads, fn))  # not daemonic: data loader workers
-        self.process.start()
+        with _sigint_ignored():  # inherited through exec: a Ctrl-C while the worker still imports does not reach it
+            self.process.start()
         child.close()
         self.task: Optional[dict] = None
 
@@ -187,17 +188,21 @@ def stop_on_signals():
 
 
 @contextmanager
-def _signals_ignored():
+def _signals_ignored(signals: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
     """A second Ctrl-C / SIGTERM while the workers are being stopped must not cut the stopping short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _sigint_ignored():
+    return _signals_ignored((signal.SIGINT,))
 
 
 def resolve_jobs(jobs: Optional[int], device: str, n_runs: int) -> Tuple[int, Optional[int]]:
