@@ -398,7 +398,7 @@ def test_compare_end_to_end(small_data, tmp_path, caplog):
     assert Image.open(out / 'compare.png').size == (1210, 462)
     assert report['paths']['markdown'] == str(out / 'report.md')
     # the output directory is never reused
-    with pytest.raises(OutputExistsError, match='not empty'):
+    with pytest.raises(OutputExistsError, match='holds a finished comparison'):
         compare(_compare_args(small_data, tmp_path, '--budgets', '1', '--seeds', '0'))
 
 

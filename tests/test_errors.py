@@ -113,8 +113,8 @@ def test_resume_from_garbage_or_another_architecture(data_dir, tmp_path):
     garbage = tmp_path / 'garbage.pth.tar'
     garbage.write_bytes(b'\xff\xfe not a checkpoint \x00' * 50)
     other = tmp_path / 'other.pth.tar'
-    torch.save({'epoch': 0, 'arch': 'resnet18', 'state_dict': timm.create_model('resnet18', num_classes=2).state_dict()},
-               other)
+    state = timm.create_model('resnet18', num_classes=2).state_dict()
+    torch.save({'epoch': 0, 'arch': 'resnet18', 'state_dict': state}, other)
     before = tree(tmp_path)
     with pytest.raises(TrainError, match=r'is not a readable timm checkpoint .*give the last.pth.tar of a run'):
         train(train_args(data_dir, tmp_path / 'out', resume=str(garbage)))
@@ -143,7 +143,8 @@ def _failing_save(monkeypatch, fail_on_call: int):
 @pytest.mark.slow
 def test_disk_full_mid_run_keeps_last_checkpoint_and_says_resume(data_dir, tmp_path, monkeypatch):
     _failing_save(monkeypatch, fail_on_call=2)  # epoch 2's checkpoint
-    with pytest.raises(TrainError, match=r'epoch 2 .*No space left.* last.pth.tar holds epoch 1: .*resume with --resume'):
+    with pytest.raises(TrainError,
+                       match=r'epoch 2 .*No space left.* last.pth.tar holds epoch 1: .*resume with --resume'):
         train(train_args(data_dir, tmp_path, epochs=2))
     monkeypatch.undo()
     run = tmp_path / 'run'
@@ -175,7 +176,7 @@ def test_run_dir_without_checkpoint_can_be_rerun(data_dir, tmp_path):
     assert [h['epoch'] for h in result.history] == [0]
 
 
-# --- the tract-* optimizer hook: validate first, convert last ----------------------------------------------------------
+# --- the tract-* optimizer hook: validate first, convert last ------------------------------------------------------
 
 def _resnet():
     torch.manual_seed(0)
@@ -187,7 +188,8 @@ def test_head_only_optimizer_never_makes_the_head_tract():
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith('fc.'))
     before = parameters(model)
-    with pytest.raises(ValueError, match=r'first layer of ResNet \(Conv2d\) is not trained by this optimizer.*Use "sgd"'):
+    with pytest.raises(ValueError,
+                       match=r'first layer of ResNet \(Conv2d\) is not trained by this optimizer.*Use "sgd"'):
         create_optimizer_v2(model.fc, 'tract-sgd', lr=0.1)
     with pytest.raises(ValueError, match='not trained by this optimizer'):
         create_optimizer_v2([p for p in model.parameters() if p.requires_grad], 'tract-sgd', lr=0.1)
@@ -443,7 +445,8 @@ def one_line_error(proc: subprocess.CompletedProcess, command: str, match: str) 
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert 'Traceback' not in proc.stderr and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f'timm-tract {command}') and 'error:' in lines[0] and re.search(match, lines[0]), lines[0]
+    assert lines[0].startswith(f'timm-tract {command}') and 'error:' in lines[0], lines[0]
+    assert re.search(match, lines[0]), lines[0]
 
 
 @pytest.mark.slow

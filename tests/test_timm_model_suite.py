@@ -2,7 +2,8 @@
 against the `<arch>_tract` twins.
 
 The sdist is downloaded once with `pip download timm==<version> --no-deps --no-binary :all:` into
-$TIMM_TRACT_SDIST_CACHE (default: timm-tract's cache, `$XDG_CACHE_HOME/timm-tract` or ~/.cache/timm-tract); its `tests/` folder is unpacked into a temporary directory and
+$TIMM_TRACT_SDIST_CACHE (default: timm-tract's cache,
+`$XDG_CACHE_HOME/timm-tract` or ~/.cache/timm-tract); its `tests/` folder is unpacked into a temporary directory and
 run in a pytest subprocess with a small plugin that imports `timm_tract` before collection (so timm's
 `list_models()` parametrization sees the twins) and keeps only the items of the representative subset below.
 

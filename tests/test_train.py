@@ -1,4 +1,5 @@
-""" `timm-tract train` / `timm_tract.train.train`: train.py's call sequence, flags and outputs, on a tiny ImageFolder. """
+""" `timm-tract train` / `timm_tract.train.train`: train.py's call sequence, flags and outputs, on a tiny
+ImageFolder. """
 import argparse
 import csv
 import os
@@ -104,7 +105,8 @@ def test_tract_lambda_goes_where_tract_is_used(model, opt, where):
 
 @pytest.mark.parametrize('model,opt,where', [('resnet18_tract', 'sgd', 'model'), ('resnet18', 'tract-sgd', 'opt')])
 def test_tract_lambda_mode_goes_where_tract_is_used(model, opt, where):
-    """--tract-lambda-mode is routed like --tract-lambda; a conflicting --opt-kwargs value and a bad value are refused."""
+    """--tract-lambda-mode is routed like --tract-lambda; a conflicting --opt-kwargs value and a bad value are
+    refused."""
     args = build_train_parser().parse_args(['--model', model, '--opt', opt, '--tract-lambda-mode', 'relative'])
     built = timm.create_model(model, device='meta')
     opt_kwargs = tract_train._route_tract_settings(args, built)
@@ -309,7 +311,7 @@ def test_tract_optimizer_equals_tract_model(data_dir, tmp_path, arch, model_kwar
     common = dict(img_size=32, model_kwargs=model_kwargs, smoothing=0)
     via_opt = train(_args(data_dir, tmp_path, 'opt', model=arch, opt='tract-sgd', **common))
     via_model = train(_args(data_dir, tmp_path, 'model', model=arch + '_tract', opt='sgd', **common))
-    plain = train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
+    train(_args(data_dir, tmp_path, 'plain', model=arch, opt='sgd', **common))
     assert via_opt.history[0]['train_loss'] == pytest.approx(via_model.history[0]['train_loss'], rel=1e-5)
     a = load_state_dict(str(tmp_path / 'opt' / 'last.pth.tar'))
     b = load_state_dict(str(tmp_path / 'model' / 'last.pth.tar'))
@@ -324,7 +326,8 @@ TRAIN_PY = os.environ.get('TIMM_TRAIN_PY')  # path to train.py of a timm reposit
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAIN_PY, reason='set TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py to run timm\'s train.py')
+@pytest.mark.skipif(not TRAIN_PY,
+                    reason='set TIMM_TRAIN_PY=/path/to/pytorch-image-models/train.py to run timm\'s train.py')
 @pytest.mark.parametrize('model,opt', [('resnet10t', 'tract-sgd'), ('resnet10t_tract', 'sgd')])
 def test_timm_train_py_with_device_modules(data_dir, tmp_path, model, opt):
     import subprocess
@@ -349,3 +352,106 @@ def test_small_images_train_at_their_own_size(data_dir, tmp_path, caplog):
     result = train(_args(data_dir, tmp_path, img_size=None))
     args = yaml.safe_load((Path(result.output_dir) / 'args.yaml').read_text())
     assert args['img_size'] == 16 and 'training at 16x16' in caplog.text
+
+
+# --- hardening: accumulation window, epoch seeding, TrAct on resume, one process per run dir ------------------------
+
+@pytest.mark.slow
+def test_grad_accum_last_partial_window_is_scaled_by_its_real_size(data_dir, tmp_path, monkeypatch):
+    """3 batches with --grad-accum-steps 2: windows [0, 1] and [2]. Each update's gradient must be the mean of its
+    window's micro-batch gradients (timm train.py's rule), recomputed here from the recorded batches and weights."""
+    from timm.task import ClassificationTask
+
+    batches, steps = [], []
+    forward = ClassificationTask.forward
+
+    def recording_forward(self, x, y):
+        batches.append((x.detach().clone(), y.detach().clone()))
+        return forward(self, x, y)
+    monkeypatch.setattr(ClassificationTask, 'forward', recording_forward)
+    create = tract_train._create_optimizer
+
+    def recording_optimizer(args, model, opt_kwargs):
+        optimizer = create(args, model, opt_kwargs)
+        step = optimizer.step
+
+        def recording_step(*a, **k):
+            steps.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                          {n: p.grad.detach().clone() for n, p in model.named_parameters()}, len(batches)))
+            return step(*a, **k)
+        optimizer.step = recording_step
+        return optimizer
+    monkeypatch.setattr(tract_train, '_create_optimizer', recording_optimizer)
+    train(_args(data_dir, tmp_path, grad_accum_steps=2, smoothing=0., opt='momentum', momentum=0., weight_decay=0.,
+                val_split=''))
+    assert len(batches) == 3 and [n for *_, n in steps] == [2, 3]
+
+    reference = timm.create_model('resnet10t', num_classes=2)
+    windows = [batches[0:2], batches[2:3]]
+    for (weights, grads, _), window in zip(steps, windows):
+        reference.load_state_dict(weights, strict=False)
+        reference.train()
+        reference.zero_grad()
+        for x, y in window:
+            (torch.nn.functional.cross_entropy(reference(x), y) / len(window)).backward()
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_augmentation_and_dropout_seed_depends_on_the_epoch():
+    """After `_seed_epoch`, the RNGs that drive augmentation, dropout and data-loader worker seeds (torch, numpy,
+    random) draw the same values for the same (seed, epoch) and other values in another epoch."""
+    import random
+    args = argparse.Namespace(seed=3, rank=0)
+    loader = argparse.Namespace(sampler=None)
+
+    def draws(epoch):
+        tract_train._seed_epoch(loader, args, epoch)
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)
+    for a, b in zip(draws(0), draws(1)):
+        assert a != b
+
+
+@pytest.mark.slow
+def test_resuming_a_tract_run_without_tract_is_refused(data_dir, tmp_path):
+    train(_args(data_dir, tmp_path, 'tract', opt='tract-sgd', epochs=1))
+    ckpt = tmp_path / 'tract' / 'last.pth.tar'
+    with pytest.raises(TrainError, match=r'was trained with TrAct .*--opt tract-sgd'):
+        train(_args(data_dir, tmp_path, 'tract', opt='sgd', epochs=2, resume=ckpt))
+    assert len(_summary_rows(tmp_path / 'tract')) == 1  # nothing trained, nothing rewritten
+    resumed = train(_args(data_dir, tmp_path, 'tract', opt='tract-sgd', epochs=2, resume=ckpt))
+    assert [h['epoch'] for h in resumed.history] == [0, 1]
+
+
+def test_experiment_cannot_leave_output(data_dir, tmp_path):
+    for name in ('../escape', str(tmp_path / 'abs'), 'a/../../b'):
+        with pytest.raises(TrainError, match='inside --output'):
+            train(_args(data_dir, tmp_path / 'out', name))
+    assert not (tmp_path / 'escape').exists() and not (tmp_path / 'abs').exists() and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_dir_is_refused_while_the_first_trains(data_dir, tmp_path):
+    """Two real `timm-tract train` processes, one run directory: the second is refused with one line (exit 2); the
+    first finishes alone (one summary row per epoch, its own checkpoints)."""
+    import subprocess
+    import sys
+    import time
+    argv = [sys.executable, '-m', 'timm_tract.cli', 'train', '--data-dir', str(data_dir), '--model', 'resnet10t',
+            '--num-classes', '2', '--img-size', '16', '-b', '4', '--workers', '0', '--epochs', '6', '--lr', '0.05',
+            '--warmup-epochs', '0', '--no-aug', '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'run']
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / 'run' / '.timm-tract.lock'
+    deadline = time.time() + 120
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and ('in use by another timm-tract process' in lines[0] or 'already holds a run' in lines[0])
+    assert [int(r['epoch']) for r in _summary_rows(tmp_path / 'run')] == list(range(6)) and not lock.exists()

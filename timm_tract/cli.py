@@ -1,12 +1,14 @@
 """ `timm-tract` command line: thin argument parsing over the package's functions.
 
 Exit codes: 0 success; 2 a user error (bad flag or value, missing file, a run that cannot be resumed, a Hub call that
-kept failing), reported as one line on stderr; 130 interrupted. `--debug` (or TIMM_TRACT_DEBUG=1) adds the traceback
-of user errors; programming errors always show theirs.
+kept failing, stdout closed early as in `timm-tract data | true`), reported as one line on stderr; 130 interrupted
+(Ctrl-C); 143 stopped by SIGTERM (compare: workers stopped, partial report written, the same command resumes).
+`--debug` (or TIMM_TRACT_DEBUG=1) adds the traceback of user errors; programming errors always show theirs.
 """
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -36,7 +38,8 @@ def _add_data(sub) -> None:
     p = sub.add_parser(
         'data', help='print the path of a data set ready for --data-dir: the embedded one (default) or Fashion-MNIST',
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Prepare a data set and print its root on stdout (usable as --data-dir "$(timm-tract data ...)").\n\n'
+        description='Prepare a data set and print its root on stdout (usable as --data-dir '
+                    '"$(timm-tract data ...)").\n\n'
                     'embedded (default): real digit scans on real photographs, 32x32 RGB, 10 classes, train/ and '
                     'validation/ ImageFolder, built on first use (~10 s) in $TIMM_TRACT_DATA, else '
                     '~/.cache/timm-tract/.\n'
@@ -100,13 +103,15 @@ def _add_publish(sub) -> None:
                     'model card, train_hparams.yaml, results.csv; then create the repo and upload it in one commit. '
                     'The token comes from --token, HF_TOKEN or `hf auth login` and is never printed or written.')
     p.add_argument('run_dir', metavar='RUN_DIR', help='training output directory')
-    p.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repository, e.g. me/resnet18_tract.tract_cifar10')
+    p.add_argument('--repo-id', required=True,
+                   help='ORG/NAME of the Hub repository, e.g. me/resnet18_tract.tract_cifar10')
     p.add_argument('--checkpoint', default='best', help='best (default), last, or a checkpoint file path')
     p.add_argument('--no-ema', action='store_true', help='publish the raw weights even when the run has EMA weights')
     p.add_argument('--dry-run', action='store_true', help='only write the repository folder (RUN_DIR/hub/NAME)')
     p.add_argument('--output-dir', default=None, help='write the repository folder here and upload nothing')
     p.add_argument('--license', default='apache-2.0', help='license id for the card (default apache-2.0)')
-    p.add_argument('--label-names', default=None, help='text file with one class name per line (default: from the data)')
+    p.add_argument('--label-names', default=None,
+                   help='text file with one class name per line (default: from the data)')
     p.add_argument('--dataset-id', default=None, help='Hub dataset id for the card (default: known from --dataset)')
     p.add_argument('--dataset-name', default=None,
                    help='data set name for the card (default: the known data set, the embedded set\'s name, else the '
@@ -240,7 +245,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except TimmTractError as e:
         if args.debug:
             import traceback
@@ -248,9 +255,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = ' '.join(str(e).split())  # one line, whatever the message holds
         print(f'timm-tract {args.command}: error: {message}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f'timm-tract {args.command}: interrupted', file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `timm-tract data | true`: the reader went away before the output was written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        print(f'timm-tract {args.command}: error: stdout was closed before the output was written (broken pipe); '
+              f'read the whole output, e.g. DIR="$(timm-tract {args.command} ...)".', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated) where a command stops on it
+        signum = getattr(e, 'signum', signal.SIGINT)
+        how = 'interrupted' if signum == signal.SIGINT else f'stopped by {signal.Signals(signum).name}'
+        print(f'timm-tract {args.command}: {how}', file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ Each subclass also derives from the built-in exception that code written against
 
 __all__ = [
     'TimmTractError', 'TrActArgumentError', 'TrActTypeError', 'NotPositiveDefiniteError',
-    'DataError', 'OutputExistsError', 'RunDirError', 'TrainError', 'CompareError', 'PublishError',
+    'DataError', 'OutputExistsError', 'RunDirError', 'TrainError', 'CompareError', 'PublishError', 'Terminated',
 ]
 
 
@@ -51,3 +51,13 @@ class CompareError(TimmTractError, ValueError):
 
 class PublishError(TimmTractError, RuntimeError):
     """A run that cannot be published as given, or a Hub call that kept failing."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM from a job scheduler or `timeout`): like Ctrl-C's
+    KeyboardInterrupt (which it derives from, so cleanup written for Ctrl-C runs), not an error of the input. The
+    command line exits with 128 + `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(f'stopped by signal {signum}')
+        self.signum = signum

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import RunDirError
+from .errors import OutputExistsError, RunDirError
 
 __all__ = [
     'ARGS_FILE', 'SUMMARY_FILE', 'LAST_CHECKPOINT', 'BEST_CHECKPOINT', 'TEMP_CHECKPOINT', 'SUMMARY_FIELDS',
@@ -40,6 +40,7 @@ __all__ = [
     'RunInfo', 'read_run', 'find_compare_report', 'load_weights',
     'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'compare_run_name',
     'DATA_FACTS_FILE', 'DataFacts', 'write_data_facts', 'read_data_facts', 'dataset_label_names', 'contained',
+    'LOCK_FILE', 'DirClaim', 'claim_dir',
 ]
 
 PathLike = Union[str, Path]
@@ -356,3 +357,66 @@ def load_weights(path: PathLike, use_ema: bool = True) -> Tuple[Dict[str, Any], 
     sd = {k[len('_orig_mod.'):] if k.startswith('_orig_mod.') else k: v for k, v in clean_state_dict(sd).items()}
     meta = {k: v for k, v in ckpt.items() if k in ('epoch', 'arch', 'metric', 'version')}
     return sd, meta, ema
+
+
+# --- claiming a directory for one process (train's run directory, compare's folder) ---------------------------------
+
+LOCK_FILE = '.timm-tract.lock'  # inside the claimed directory while a process works in it; removed on release
+
+
+class DirClaim:
+    """An exclusive claim on a directory: `<dir>/.timm-tract.lock`, held with flock. The kernel drops the lock when
+    the process ends however it ends, so a killed process never leaves a stale claim."""
+
+    def __init__(self, lock_path: Path, fd: int):
+        self.lock_path, self.fd = lock_path, fd
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (a waiting claimer then re-checks the file, see `claim_dir`)."""
+        if self.fd is None:
+            return
+        try:
+            self.lock_path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def claim_dir(path: PathLike, what: str = 'folder') -> DirClaim:
+    """Claim the existing directory `path` for this process; OutputExistsError (one line naming the holder's pid)
+    when another process holds it. Where the OS or file system has no flock (Windows, some network file systems)
+    the lock file is written but nothing is excluded."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+
+    lock = Path(path) / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f'{what} {path}: cannot create {LOCK_FILE} in it ({e.strerror or e}); pick another '
+                              f'--output.') from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors='replace').strip()
+            os.close(fd)
+            raise OutputExistsError(
+                f'{what} {path} is in use by another timm-tract process' + (f' (pid {holder})' if holder else '')
+                + ': wait for it to finish, or pick another --experiment / --output.') from None
+        except OSError:  # ENOLCK and the like: this file system cannot lock
+            break
+        try:  # the holder may have released (removed) the file between our open and flock: claim the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return DirClaim(lock, fd)

@@ -12,7 +12,12 @@ Differences from train.py, all in the direction of reproducible, comparable runs
 - the data order of epoch e is a function of (--seed, e) only: the same in a baseline and a TrAct run, in a resumed
   run, and the same global batches for 1 process and for N torchrun processes (global batch = N × --batch-size);
 - `--device` defaults to cuda when available, else cpu; torchrun DDP also runs on cpu (gloo);
-- an existing output dir is never trained over unless the run resumes from a checkpoint inside it;
+- an existing output dir is never trained over unless the run resumes from a checkpoint inside it, and a run claims
+  its directory (`rundir.claim_dir`, a lock the kernel drops when the process dies): a second run started into the
+  same --output/--experiment is refused; --experiment must name a folder inside --output;
+- every flag is checked before anything is built or written (`check_train_args`); errors timm or torch raise on bad
+  flags while the model, data, optimizer or scheduler are built become one TrainError naming the flags to fix;
+- resuming a TrAct run (TrAct layers or a tract-* optimizer in its checkpoint's args) without TrAct is refused;
 - `last.pth.tar` is replaced atomically (temp file + rename), so a kill never leaves it corrupt or missing; a failed
   checkpoint write removes its temp file, keeps the previous `last.pth.tar` and stops with a TrainError saying how to
   resume; summary.csv gets an epoch's row only once its checkpoint is on disk;
@@ -28,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -43,11 +48,51 @@ from .naming import (TRACT_OPT_PREFIX, base_optimizer_name, is_tract_optimizer, 
                      twin_name)
 from . import rundir
 
-__all__ = ['train', 'TrainError', 'TrainResult']
+__all__ = ['train', 'check_train_args', 'check_experiment', 'TrainError', 'TrainResult']
 
 _logger = logging.getLogger(__name__)
 
 # --- checking the arguments (before anything is built or written) ---------------------------------------------------
+
+_EVAL_METRICS = ('top1', 'top5', 'loss')
+_FLAG_HINTS = {  # the flags each construction phase reads: named in its error line
+    'model': '--model, --model-kwargs, --num-classes, --in-chans, --drop/--drop-path, --gp, --pretrained, '
+             '--initial-checkpoint',
+    'data': '--data-dir, --dataset, --class-map, --train-split/--val-split, --input-img-mode, --in-chans, '
+            '--img-size/--input-size, --mean/--std, --crop-pct, --interpolation, augmentation flags',
+    'optimizer': '--opt, --lr, --momentum, --weight-decay, --opt-eps, --opt-betas, --layer-decay, --opt-kwargs',
+    'scheduler': '--sched, --epochs, --warmup-epochs, --warmup-lr, --min-lr, --decay-epochs, --decay-milestones, '
+                 '--decay-rate, --cooldown-epochs, --patience-epochs',
+}
+
+
+@contextmanager
+def _user_input(phase: str):
+    """Errors timm and torch raise while building the `phase` ('model', 'data', 'optimizer', 'scheduler') from the
+    flags (ValueError, TypeError, KeyError, AssertionError, OSError) become one TrainError naming the phase's flags; the
+    original stays chained (`--debug` shows it). Errors outside these phases keep their traceback."""
+    try:
+        yield
+    except TimmTractError:
+        raise
+    except (ValueError, TypeError, KeyError, AssertionError, OSError) as e:
+        detail = ' '.join(str(e).split()) or 'no message'
+        raise TrainError(f'building the {phase} from the flags failed ({type(e).__name__}: {detail}); check '
+                         f'{_FLAG_HINTS[phase]}.') from e
+
+
+def check_train_args(args: argparse.Namespace, build: bool = False) -> None:
+    """Every check `train` makes before it builds or writes anything: the flags, the data folder, the output path.
+
+    With `build`, also build the model, optimizer and scheduler on the meta device (no memory, no weights read,
+    nothing downloaded), so a flag timm or torch rejects is reported now: `timm-tract compare` checks each of its runs
+    this way before the first one trains. Raises TrainError (one line, naming the flag); changes nothing in `args`.
+    """
+    _check_args(args)
+    _check_data_dir(args)
+    if build:
+        _check_construction(args)
+
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.grad_accum_steps < 1:
@@ -58,20 +103,122 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError(f'--num-classes must be >= 1, got {args.num_classes}.')
     if args.batch_size < 1 or args.epochs < 1:
         raise TrainError('--batch-size and --epochs must be >= 1.')
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise TrainError(f'--validation-batch-size must be >= 1, got {args.validation_batch_size}.')
     if args.workers < 0:
         raise TrainError('--workers must be >= 0 (0 loads the data in the training process).')
+    for flag, value in (('--lr', args.lr), ('--warmup-lr', args.warmup_lr), ('--min-lr', args.min_lr),
+                        ('--weight-decay', args.weight_decay)):
+        if value is not None and not value >= 0:
+            raise TrainError(f'{flag} must be >= 0, got {value}.')
+    if args.checkpoint_hist < 1:
+        raise TrainError(f'--checkpoint-hist must be >= 1 (checkpoints kept besides last.pth.tar), got '
+                         f'{args.checkpoint_hist}.')
+    if args.eval_metric not in _EVAL_METRICS:
+        raise TrainError(f'--eval-metric must be one of {", ".join(_EVAL_METRICS)}, got {args.eval_metric!r}.')
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, _given_in_chans(args) or len(values)):
+            raise TrainError(f'{flag} has {len(values)} values for {_given_in_chans(args)} input channels: give one '
+                             f'value per channel (or one for all).')
+    _check_device(args.device)
+    _check_ranges(args)
     model_kwargs, opt_kwargs = args.model_kwargs or {}, args.opt_kwargs or {}
     for key, check in (('tract_lambda', check_lambda), ('tract_lambda_mode', check_lambda_mode)):
         for flag, value in ((f"--{key.replace('_', '-')}", getattr(args, key, None)),
-                            (f'--model-kwargs {key}', model_kwargs.get(key)), (f'--opt-kwargs {key}', opt_kwargs.get(key))):
+                            (f'--model-kwargs {key}', model_kwargs.get(key)),
+                            (f'--opt-kwargs {key}', opt_kwargs.get(key))):
             if value is not None:
                 try:
                     check(value)
                 except TimmTractError as e:
                     raise TrainError(f'{flag}: {e}') from None
-    _check_output_root(args.output or os.path.join('.', 'output', 'train'))
+    for flag, path in (('--class-map', args.class_map), ('--initial-checkpoint', args.initial_checkpoint)):
+        if path and not os.path.isfile(path):
+            raise TrainError(f'{flag} {path!r} is not a file.')
+    root = args.output or os.path.join('.', 'output', 'train')
+    _check_output_root(root)
+    check_experiment(args.experiment, root)
     if args.resume and not os.path.isfile(args.resume):
         raise TrainError(f'--resume {args.resume!r} is not a file (expected e.g. <output dir>/last.pth.tar).')
+
+
+_CLIP_MODES = ('norm', 'value', 'agc')
+_DIST_BN = ('', 'broadcast', 'reduce')
+_LR_BASE_SCALES = ('', 'linear', 'sqrt')
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Probabilities, sizes and names timm only rejects mid-run (in a data-loader transform, the first forward, the
+    first clipped step) or not at all."""
+    from timm.data.transforms import str_to_interp_mode
+    for flag, value, high in (('--drop', args.drop, 1.), ('--drop-path', args.drop_path, 1.),
+                              ('--reprob', args.reprob, 1.), ('--hflip', args.hflip, 1.), ('--vflip', args.vflip, 1.),
+                              ('--model-ema-decay', args.model_ema_decay, 1.)):
+        if value is not None and not 0. <= value <= high:
+            raise TrainError(f'{flag} is a probability (0 to 1), got {value}.')
+    if not 0. <= args.smoothing < 1.:
+        raise TrainError(f'--smoothing must be in [0, 1), got {args.smoothing}.')
+    if args.crop_pct is not None and not args.crop_pct > 0:
+        raise TrainError(f'--crop-pct must be > 0, got {args.crop_pct}.')
+    sizes = ([args.img_size] if args.img_size is not None else []) + list(args.input_size or [])
+    if any(v < 1 for v in sizes):
+        raise TrainError(f'--img-size and --input-size must be >= 1, got --img-size {args.img_size} --input-size '
+                         f'{args.input_size}.')
+    for flag, name, extra in (('--interpolation', args.interpolation, ('',)),
+                              ('--train-interpolation', args.train_interpolation, ('random',))):
+        if name not in extra:
+            try:
+                str_to_interp_mode(name)
+            except KeyError:
+                raise TrainError(f'{flag} {name!r} is not an interpolation: nearest, bilinear, bicubic, box, hamming, '
+                                 f'lanczos' + (', random' if 'random' in extra else '') + '.') from None
+    for flag, value, choices in (('--clip-mode', args.clip_mode, _CLIP_MODES), ('--dist-bn', args.dist_bn, _DIST_BN),
+                                 ('--lr-base-scale', args.lr_base_scale, _LR_BASE_SCALES)):
+        if value not in choices:
+            raise TrainError(f'{flag} must be one of {", ".join(repr(c) for c in choices)}, got {value!r}.')
+    if args.torchcompile and args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
+        raise TrainError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend: '
+                         f'{", ".join(torch.compiler.list_backends())}.')
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TrainError(f'--device {device!r} is not a device: use cpu, cuda, cuda:<index>, mps, ...') from None
+    if str(device).startswith('cuda') and not torch.cuda.is_available():
+        raise TrainError(f'--device {device} but CUDA is not available: use --device cpu.')
+
+
+def check_experiment(name: str, root: str, flag: str = '--experiment') -> None:
+    """An --experiment names a folder inside --output: relative, without '..', each part a legal file name length."""
+    if not name:
+        return
+    parts = name.replace(os.sep, '/').split('/')
+    if os.path.isabs(name) or '..' in parts:
+        raise TrainError(f'{flag} {name!r} must be a folder name inside --output (no absolute path, no ".."): put '
+                         f'the location in --output.')
+    path = os.path.abspath(root)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    try:
+        name_max = os.pathconf(path, 'PC_NAME_MAX')
+    except (AttributeError, OSError, ValueError):
+        name_max = 255
+    long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
+    if long is not None:
+        raise TrainError(f'{flag} is {len(os.fsencode(long))} bytes long, more than the {name_max} a file name may '
+                         f'have here: pick a shorter name.')
+
+
+def _given_in_chans(args: argparse.Namespace) -> Optional[int]:
+    """Input channels given by flags (--in-chans, else --input-size), None when the model's default applies."""
+    return args.in_chans or (args.input_size[0] if args.input_size else None)
+
+
+def _model_in_chans(args: argparse.Namespace, model: nn.Module) -> int:
+    """The input channels of the run: the flags', else the model's (timm's resolve_data_config rule)."""
+    return _given_in_chans(args) or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3,))[0]
 
 
 def _check_output_root(root: str) -> None:
@@ -119,7 +266,7 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
             f'{twin_name("")})' + (f'; similar: {", ".join(close)}' if close else '') + '.')
     kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
                   drop_path_rate=args.drop_path, global_pool=args.gp)
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    in_chans = _given_in_chans(args)
     if in_chans is not None:
         kwargs['in_chans'] = in_chans
     if args.initial_checkpoint:
@@ -147,7 +294,8 @@ def _route_tract_settings(args: argparse.Namespace, model: nn.Module) -> Dict[st
         return opt_kwargs
     for key, value in settings.items():
         flag = '--' + key.replace('_', '-')
-        for where, given in (('--model-kwargs', (args.model_kwargs or {}).get(key)), ('--opt-kwargs', opt_kwargs.get(key))):
+        for where, given in (('--model-kwargs', (args.model_kwargs or {}).get(key)),
+                             ('--opt-kwargs', opt_kwargs.get(key))):
             if given is not None and given != value:
                 raise TrainError(f'{flag} {value} and {where} {key}={given} disagree: give it once.')
     layers = [m for m in model.modules() if is_tract_layer(m)]
@@ -175,6 +323,24 @@ def _tract_layer_names(model: nn.Module) -> List[str]:
 def _input_img_mode(args: argparse.Namespace, in_chans: int) -> str:
     """train.py's rule: --input-img-mode, else RGB for 3 input channels and L (grayscale) otherwise."""
     return args.input_img_mode or ('RGB' if in_chans == 3 else 'L')
+
+
+def _check_channels(args: argparse.Namespace, in_chans: int) -> None:
+    """The image mode the data is read in and --mean/--std must give the model's `in_chans` channels."""
+    from PIL import Image
+    mode = _input_img_mode(args, in_chans)
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        raise TrainError(f'--input-img-mode {mode!r} is not a PIL image mode (RGB, L, RGBA, LA, ...).') from None
+    if not args.dataset and bands != in_chans:
+        raise TrainError(f'the model takes {in_chans} input channels but the images are read as {mode} ({bands} '
+                         f'channel{"s" * (bands != 1)}): give --in-chans {bands}, or an --input-img-mode with '
+                         f'{in_chans} channels.')
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, in_chans):
+            raise TrainError(f'{flag} has {len(values)} values for {in_chans} input channels: give one value per '
+                             f'channel (or one for all).')
 
 
 def _create_datasets(args: argparse.Namespace, in_chans: int):
@@ -251,12 +417,12 @@ def _use_native_size(args: argparse.Namespace, model: nn.Module, train_ds, defau
                  f'{args.model}: training at {hw[0]}x{hw[1]} (pass --img-size to resize them).')
 
 
-def _use_recorded_statistics(args: argparse.Namespace) -> None:
+def _use_recorded_statistics(args: argparse.Namespace, in_chans: int) -> None:
     """Without --mean/--std, a data folder timm-tract prepared is standardized with its own recorded statistics (the
-    inputs TrAct's λ advice assumes), not with the model's ImageNet ones."""
+    inputs TrAct's λ advice assumes), not with the model's ImageNet ones (when they are per read channel)."""
     from .data import recorded_statistics
     stats = recorded_statistics(args.data_dir) if args.mean is None and args.std is None else None
-    if stats is not None:
+    if stats is not None and all(len(v) in (1, in_chans) for v in stats):
         args.mean, args.std = stats
         _logger.info(f'standardizing with the data set\'s recorded mean {args.mean} / std {args.std} '
                      f'(give --mean/--std to override)')
@@ -319,8 +485,32 @@ def _create_optimizer(args: argparse.Namespace, model: nn.Module, opt_kwargs: Di
                          f'TrAct twin {TRACT_OPT_PREFIX}<name>.') from None
 
 
-def _check_resume_checkpoint(path: str, model: nn.Module) -> None:
-    """A --resume file must be a timm training checkpoint of this model (read with weights_only, nothing pickled)."""
+def _tract_use(model_name: str, opt: str, tract_layers: List[str]) -> Optional[str]:
+    """How a run uses TrAct ('TrAct layers conv1' / 'optimizer tract-sgd'), None when it does not."""
+    if tract_layers:
+        return f'TrAct layers {", ".join(tract_layers)} ({model_name})'
+    return f'optimizer {opt}' if is_tract_optimizer(opt or '') else None
+
+
+def _check_resume_keeps_tract(path: str, saved: Any, args: argparse.Namespace, model: nn.Module) -> None:
+    """Resuming a TrAct run without TrAct (a plain --model / --opt) would silently train the rest without it."""
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if not isinstance(saved, dict):
+        return  # a checkpoint without its run's args (not written by timm's CheckpointSaver): nothing to compare
+    before = _tract_use(saved.get('model', '?'), saved.get('opt', ''), saved.get('tract_layers') or [])
+    now = _tract_use(args.model, args.opt, _tract_layer_names(model))
+    if before and not now:
+        raise TrainError(f'--resume {path!r} was trained with TrAct ({before}) but this run has none '
+                         f'(--model {args.model} --opt {args.opt}): resume with the run\'s own --model '
+                         f'{saved.get("model")} --opt {saved.get("opt")}, or start a new run from its weights with '
+                         f'--initial-checkpoint.')
+    if now and not before:
+        _logger.warning(f'--resume {path}: the checkpoint was trained without TrAct; the remaining epochs use {now}.')
+
+
+def _check_resume_checkpoint(path: str, model: nn.Module, args: argparse.Namespace) -> None:
+    """A --resume file must be a timm training checkpoint of this model (read with weights_only, nothing pickled),
+    and of a run that used TrAct the same way."""
     from timm.models import clean_state_dict
     from timm.utils import load_checkpoint_metadata
     try:
@@ -340,6 +530,7 @@ def _check_resume_checkpoint(path: str, model: nn.Module) -> None:
         raise TrainError(f'--resume {path!r} was saved from {arch}, which does not match this model '
                          f'({len(mismatched)} tensors differ, e.g. {mismatched[0]}); resume with the --model and '
                          f'--model-kwargs the checkpoint was trained with.')
+    _check_resume_keeps_tract(path, ckpt.get('args'), args, model)
 
 
 def _make_saver(task, optimizer, args, loss_scaler, output_dir):
@@ -364,13 +555,36 @@ def _output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
     out = os.path.join(args.output or os.path.join('.', 'output', 'train'), name)
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainError(f'output dir {out!r} is a file; pick another --experiment / --output.')
+    _refuse_existing_run(args, out)
+    return out
+
+
+def _refuse_existing_run(args: argparse.Namespace, out: str) -> None:
     resuming_here = bool(args.resume) and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out)
     ckpt = None if resuming_here else rundir.resumable_checkpoint(out)
     if ckpt is not None:
         raise TrainError(
             f'output dir {out!r} already holds a run; resume it with --resume {ckpt}, '
             f'or pick another --experiment / --output (nothing was overwritten).')
-    return out
+
+
+def _claim_output(args: argparse.Namespace, out: str) -> Tuple[rundir.DirClaim, bool]:
+    """Create the run directory (if needed) and claim it for this process, so a second run started into the same
+    directory is refused; checks again, under the claim, that it holds no other run. Returns (claim, created)."""
+    try:
+        os.makedirs(out)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        raise TrainError(f'cannot create the output dir {out!r} ({e.strerror or e}); pick another --output.') from None
+    claim = rundir.claim_dir(out, 'output dir')
+    try:
+        _refuse_existing_run(args, out)  # a run may have finished in there since _output_dir looked
+    except BaseException:
+        claim.release()
+        raise
+    return claim, created
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -446,6 +660,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, float]:
     second_order = getattr(optimizer, 'is_second_order', False)
     accum = args.grad_accum_steps
     num_batches = len(run.loader_train)
+    last_window_start = num_batches - num_batches % accum  # train.py: the last, partial window is its real size
     progress = _Progress(epoch, run.num_epochs, num_batches, run.primary, args.log_interval)
     task.train()
     loss_sum, count = torch.zeros((), dtype=torch.float64, device=run.device), 0
@@ -461,7 +676,8 @@ def _train_one_epoch(run: _Run, epoch: int) -> Dict[str, float]:
         with sync_ctx:
             with run.amp_autocast():
                 loss = task(x, y)['loss']
-            scaled = loss / accum if accum > 1 else loss
+            window = accum if batch_idx < last_window_start else num_batches % accum
+            scaled = loss / window if window > 1 else loss
             if run.loss_scaler is not None:
                 run.loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                                 parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
@@ -589,15 +805,58 @@ def _run_epochs(run: _Run) -> List[Dict[str, Any]]:
 def _setup_device(args: argparse.Namespace) -> torch.device:
     """timm's init_distributed_device: torchrun env → DDP process group (nccl for cuda, gloo for cpu)."""
     from timm.utils import init_distributed_device
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise TrainError(f'--device {args.device} but CUDA is not available: use --device cpu.')
     return init_distributed_device(args)
+
+
+def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model (λ set on its TrAct layers) and the optimizer kwargs; fills in --num-classes from the model."""
+    with _user_input('model'):
+        model = _create_model(args)
+        if args.num_classes is None:
+            args.num_classes = model.num_classes
+        opt_kwargs = _route_tract_settings(args, model)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(enable=True)
+    return model, opt_kwargs
+
+
+def _build_optimizer(args: argparse.Namespace, model: nn.Module, opt_kwargs: Dict[str, Any]):
+    with _user_input('optimizer'):
+        args.lr = _resolve_lr(args)
+        return _create_optimizer(args, model, opt_kwargs)
+
+
+def _build_scheduler(args: argparse.Namespace, optimizer, updates_per_epoch: int):
+    """timm's create_scheduler_v2 from the flags: (scheduler, number of epochs)."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    with _user_input('scheduler'):
+        return create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+                                   updates_per_epoch=updates_per_epoch)
+
+
+def _check_construction(args: argparse.Namespace) -> None:
+    """Build the model, optimizer and scheduler on the meta device (no pretrained or initial weights loaded)."""
+    import timm_tract  # noqa: F401  (registers *_tract models and tract-* optimizers)
+
+    meta = argparse.Namespace(**vars(args))
+    meta.pretrained, meta.initial_checkpoint = False, ''
+    meta.world_size = getattr(args, 'world_size', None) or int(os.environ.get('WORLD_SIZE', 1))
+    try:
+        with torch.device('meta'):
+            model, opt_kwargs = _build_model(meta)
+            with _user_input('data'):
+                _check_channels(meta, _model_in_chans(meta, model))
+            optimizer = _build_optimizer(meta, model, opt_kwargs)
+            _build_scheduler(meta, optimizer, updates_per_epoch=1)
+    except RuntimeError as e:  # a model whose __init__ reads tensor values cannot be built on meta: train checks it
+        if 'meta' not in str(e):
+            raise
+        _logger.debug(f'{args.model} cannot be built on the meta device ({e}); its run checks it when it starts')
 
 
 def _build_run(args: argparse.Namespace) -> _Run:
     """Device, model, data, optimizer, restore, EMA/compile/DDP, loaders and schedule: everything but the output."""
     from timm.data import resolve_data_config
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
     from timm.utils import NativeScaler, random_seed
 
@@ -605,18 +864,15 @@ def _build_run(args: argparse.Namespace) -> _Run:
     primary = args.rank == 0
     random_seed(args.seed, args.rank)
 
-    model = _create_model(args)
-    if args.num_classes is None:
-        args.num_classes = model.num_classes
-    opt_kwargs = _route_tract_settings(args, model)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(enable=True)
-    _use_recorded_statistics(args)
-    in_chans = resolve_data_config(vars(args), model=model)['input_size'][0]
-    train_ds, eval_ds = _create_datasets(args, in_chans)
-    _check_num_classes(args, model, (train_ds, eval_ds))
-    _use_native_size(args, model, train_ds, tuple(resolve_data_config({}, model=model)['input_size'][1:]))
-    data_config = resolve_data_config(vars(args), model=model)  # logged once the run starts (_open_output)
+    model, opt_kwargs = _build_model(args)
+    with _user_input('data'):
+        in_chans = _model_in_chans(args, model)
+        _check_channels(args, in_chans)
+        _use_recorded_statistics(args, in_chans)
+        train_ds, eval_ds = _create_datasets(args, in_chans)
+        _check_num_classes(args, model, (train_ds, eval_ds))
+        _use_native_size(args, model, train_ds, tuple(resolve_data_config({}, model=model)['input_size'][1:]))
+        data_config = resolve_data_config(vars(args), model=model)  # logged once the run starts (_open_output)
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -626,17 +882,16 @@ def _build_run(args: argparse.Namespace) -> _Run:
     loss_scaler = None
     if args.amp and amp_dtype == torch.float16 and device.type == 'cuda':  # train.py: scaler for CUDA fp16 only
         loss_scaler = NativeScaler(device=device.type)
-    args.lr = _resolve_lr(args)
 
     task = ClassificationTask(model, criterion_kwargs=dict(smoothing=args.smoothing), device=device, verbose=False)
     model = task.get_trainable_module()
-    optimizer = _create_optimizer(args, model, opt_kwargs)
+    optimizer = _build_optimizer(args, model, opt_kwargs)
     args.tract_layers = _tract_layer_names(model)  # recorded in args.yaml: whether and where this run used TrAct
     args.architecture = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
 
     start_epoch = 0
     if args.resume:
-        _check_resume_checkpoint(args.resume, model)
+        _check_resume_checkpoint(args.resume, model, args)
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=primary) or 0
@@ -651,11 +906,10 @@ def _build_run(args: argparse.Namespace) -> _Run:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
 
-    loader_train, loader_eval = _create_loaders(args, data_config, device, train_ds, eval_ds)
+    with _user_input('data'):
+        loader_train, loader_eval = _create_loaders(args, data_config, device, train_ds, eval_ds)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch)
+    lr_scheduler, num_epochs = _build_scheduler(args, optimizer, updates_per_epoch)
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -669,14 +923,12 @@ def _build_run(args: argparse.Namespace) -> _Run:
                 num_updates=start_epoch * updates_per_epoch)
 
 
-def _open_output(run: _Run) -> bool:
-    """Create the run directory (rank 0), restore the saver's history when resuming into it, drop summary rows of
-    epochs that run again, write args.yaml and data_facts.json. Returns whether the directory was created here."""
+def _open_output(run: _Run) -> None:
+    """In the claimed run directory (rank 0): restore the saver's history when resuming into it, drop summary rows
+    of epochs that run again, write args.yaml and data_facts.json."""
     from timm.utils import trim_summary
     from .data import describe_data
     args, out = run.args, run.output_dir
-    created = not os.path.exists(out)
-    os.makedirs(out, exist_ok=True)
     run.saver = _make_saver(run.task, run.optimizer, args, run.loss_scaler, out)
     if args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out):
         run.saver.load_state_dict_from_checkpoint(args.resume)
@@ -687,11 +939,10 @@ def _open_output(run: _Run) -> bool:
                  f'{args.world_size} process(es), input {run.data_config["input_size"]}, mean '
                  f'{tuple(round(v, 4) for v in run.data_config["mean"])}, std '
                  f'{tuple(round(v, 4) for v in run.data_config["std"])}, output {out}')
-    return created
 
 
 def train(args: argparse.Namespace) -> TrainResult:
-    """Run one training as configured by `timm_tract.flags.build_train_parser()` arguments; writes train.py's output layout.
+    """Run one training as configured by `timm_tract.flags.build_train_parser()` arguments (train.py's output layout).
 
     Raises TrainError (a TimmTractError) for bad input, before anything is written where it can tell. The caller's
     namespace is not changed.
@@ -699,20 +950,24 @@ def train(args: argparse.Namespace) -> TrainResult:
     import timm_tract  # noqa: F401  (registers *_tract models and tract-* optimizers, also for train(args) callers)
 
     args = argparse.Namespace(**vars(args))
-    _check_args(args)
-    _check_data_dir(args)
+    check_train_args(args)
     run = _build_run(args)
-    created = _open_output(run) if run.primary else False
+    claim, created = _claim_output(args, run.output_dir) if run.primary else (None, False)
     try:
+        if run.primary:
+            _open_output(run)
         history = _run_epochs(run)
     except BaseException:
         if created and rundir.resumable_checkpoint(run.output_dir) is None:
             shutil.rmtree(run.output_dir, ignore_errors=True)  # nothing to resume: leave nothing that blocks a re-run
+        if claim is not None:
+            claim.release()
         raise
     best_metric, best_epoch = None, None
     if run.primary:
         history = rundir.read_history(run.output_dir) or history
         best_metric, best_epoch = run.saver.best_metric, run.saver.best_epoch
+        claim.release()
     if args.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

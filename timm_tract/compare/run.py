@@ -1,21 +1,31 @@
-""" `timm-tract compare`: the command. Builds the runs of every (budget, seed, method), trains them through
-`compare.runner`, and writes the report of `compare.report` with the statistics of `compare.stats`.
+""" `timm-tract compare`: the command. Builds the runs of every (budget, seed, method), checks each one's arguments
+with train's own checks (before anything trains or the folder is created), trains them through `compare.runner`, and
+writes the report of `compare.report` with the statistics of `compare.stats`.
+
+The folder is claimed for the process (`rundir.claim_dir`). `runs/plan.json` holds every run's train arguments and
+`runs/<run>.json` each finished run's record; a compare stopped by Ctrl-C, SIGTERM or a failing run writes a partial
+report (marked `partial` in report.json) and the same command resumes it: finished runs are reused, unfinished ones
+are removed and trained again. A folder with a finished report, other settings, or foreign content is refused.
 """
 import argparse
 import datetime
+import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import CompareError, OutputExistsError
+from ..errors import CompareError, OutputExistsError, TimmTractError
 from ..flags import HelpFormatter, build_train_parser, train_flags
+from ..train import check_experiment, check_train_args
 from ..naming import TRACT_OPT_PREFIX, is_tract_optimizer, tract_base_arch, twin_model_name
 from .. import rundir
 from .report import build_report, format_duration, load_average, write_report
-from .runner import execute, resolve_jobs, run_one
+from .runner import execute, resolve_jobs, stop_on_signals
 from .stats import METHODS
 
 __all__ = ['build_compare_parser', 'compare', 'COMPARE_DESCRIPTION']
@@ -88,6 +98,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CompareError('--budgets and --seeds must not repeat values.')
     if args.jobs is not None and args.jobs < 1:
         raise CompareError(f'--jobs must be >= 1, got {args.jobs}.')
+    if not args.val_split:
+        raise CompareError('compare measures validation accuracy: give a --val-split (default validation), not "".')
     if tract_base_arch(args.model) is not None or is_tract_optimizer(args.opt):
         raise CompareError(f'give the baseline (--model {args.model} --opt {args.opt}); compare trains its TrAct twin '
                            f'itself (--tract-via model: <model>_tract, --tract-via opt: tract-<opt>).')
@@ -158,6 +170,99 @@ def _print(msg: str) -> None:
     _logger.info(msg)
 
 
+_PLAN = 'plan.json'  # runs/plan.json: every run's train arguments; runs/<run>.json: a finished run's record
+
+
+def _check_runs(tasks: List[dict]) -> None:
+    """Every run's arguments through train's own checks (model, optimizer and scheduler built on the meta device),
+    before the first run trains or the folder is created."""
+    for task in tasks:
+        try:
+            check_train_args(task['kwargs']['ns'], build=True)
+        except TimmTractError as e:
+            raise CompareError(f"run {task['name']}: {e}") from e
+
+
+def _plan(tasks: List[dict]) -> dict:
+    """The plan of the runs as JSON values (what a resumed compare must match)."""
+    return json.loads(json.dumps({t['name']: {**vars(t['kwargs']['ns']), 'keep': t['kwargs']['keep']}
+                                  for t in tasks}, default=str))
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    """The JSON value in `path`, None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
+    """Runs a stopped compare in `out_dir` finished (to reuse); removes what its unfinished runs left (to redo).
+    Empty for a new folder; OutputExistsError for a folder that holds anything else, a finished comparison, or a
+    stopped one of other settings."""
+    runs_dir = out_dir / rundir.COMPARE_RUNS
+    if not set(os.listdir(out_dir)) - {rundir.LOCK_FILE}:
+        return {}
+    plan_path = runs_dir / _PLAN
+    if not plan_path.is_file():
+        raise OutputExistsError(f'compare output {out_dir} exists and is not empty; pick another --experiment or '
+                                f'--output (nothing was overwritten).')
+    report_path = out_dir / rundir.COMPARE_REPORT
+    if report_path.is_file() and not (_read_json(report_path) or {}).get('partial'):
+        raise OutputExistsError(f'compare output {out_dir} holds a finished comparison ({report_path}); pick another '
+                                f'--experiment or --output (nothing was overwritten).')
+    if _read_json(plan_path) != plan:
+        raise OutputExistsError(f'compare output {out_dir} holds a stopped comparison with other settings; resume it '
+                                f'with its own command (see {report_path.name}), or pick another --experiment '
+                                f'(nothing was overwritten).')
+    finished = {}
+    for name in plan:
+        record = _read_json(runs_dir / f'{name}.json')
+        if isinstance(record, dict) and record.get('history'):
+            finished[name] = record
+            continue
+        (runs_dir / f'{name}.json').unlink(missing_ok=True)
+        shutil.rmtree(runs_dir / name, ignore_errors=True)
+        (runs_dir / f'{name}.log').unlink(missing_ok=True)
+    return finished
+
+
+def _stop_reason(error: BaseException) -> str:
+    signum = getattr(error, 'signum', None)
+    if signum is not None:
+        return f'stopped by {signal.Signals(signum).name}'
+    if isinstance(error, KeyboardInterrupt):
+        return 'interrupted (Ctrl-C)'
+    return f'stopped by an error ({type(error).__name__})'
+
+
+def _write_partial(out_dir: Path, runs: List[dict], planned: int, reason: str, command: str,
+                   report_kwargs: dict) -> Path:
+    """report.json / report.md of the runs that finished, marked partial: the full statistics where both methods
+    have runs, else a list of the finished runs. Returns the Markdown path."""
+    partial = {'finished': len(runs), 'planned': planned, 'reason': reason, 'resume': command}
+    note = (f'> **Partial report**: {len(runs)} of {planned} runs finished ({reason}). Run `{command}` again to '
+            f'resume: finished runs are reused, the others trained.\n\n')
+    md = out_dir / rundir.COMPARE_REPORT_MD
+    try:
+        report = build_report(runs, **report_kwargs, partial=partial)
+    except ValueError:  # CompareError: not both methods yet; no statistics, the list of finished runs
+        _write_json(out_dir / rundir.COMPARE_REPORT, {'partial': partial, 'runs': runs})
+        rows = [f"| {Path(r['output_dir']).name} | {r['top1']:.2f} | {r['wall_s']:.1f} |" for r in runs]
+        md.write_text(note + '\n'.join(['| run | top-1 % | wall-clock s |', '|---|---|---|', *rows]) + '\n')
+        return md
+    write_report(report, str(out_dir))
+    md.write_text(note + md.read_text())
+    return md
+
+
 def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     """Run the comparison configured by `build_compare_parser()` arguments; write and return the report."""
     args = argparse.Namespace(**vars(args))
@@ -169,12 +274,10 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     train_keys = list(train_flags())
 
     name = args.experiment or f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
-    out_dir = Path(args.output or os.path.join('.', 'output', 'compare')) / name
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise OutputExistsError(f'compare output {out_dir} exists and is not empty; pick another --experiment or '
-                                f'--output (nothing was overwritten).')
+    root = args.output or os.path.join('.', 'output', 'compare')
+    check_experiment(name, root)
+    out_dir = Path(root) / name
     runs_dir = out_dir / rundir.COMPARE_RUNS
-    runs_dir.mkdir(parents=True, exist_ok=True)
     budgets, seeds = sorted(args.budgets), list(args.seeds)
     keep = ('tract', budgets[-1], seeds[0])
     specs = [(b, s, m) for b in budgets for s in seeds for m in METHODS]
@@ -186,29 +289,53 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
                       'kwargs': dict(
             ns=ns, method=method, keep=args.keep_checkpoints or (method, budget, seed) == keep,
             log_path=str(runs_dir / f'{run_name}.log'))})
-    jobs, threads = resolve_jobs(args.jobs, args.device, len(tasks))
+    _check_runs(tasks)
+    command = ' '.join(['timm-tract compare', *argv] if argv is not None else ['timm-tract', *sys.argv[1:]])
+    if not args.experiment:
+        command += f' --experiment {name}'
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareError(f'cannot create the compare output {out_dir} ({e.strerror or e}); pick another --output.'
+                           ) from None
+    claim = rundir.claim_dir(out_dir, 'compare output')
+    try:
+        return _run_comparison(args, out_dir, tasks, flags, data_label, keep, command)
+    finally:
+        claim.release()
+
+
+def _run_comparison(args: argparse.Namespace, out_dir: Path, tasks: List[dict], flags: Dict[str, dict],
+                    data_label: str, keep: tuple, command: str) -> dict:
+    """Train the runs not finished yet in the claimed `out_dir` (reusing those a stopped compare finished), then
+    write the report; when stopped (Ctrl-C, SIGTERM, a failing run), write the partial report and re-raise."""
+    runs_dir = out_dir / rundir.COMPARE_RUNS
+    budgets, seeds = sorted(args.budgets), list(args.seeds)
+    plan = _plan(tasks)
+    reused = _finished_runs(out_dir, plan)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(runs_dir / _PLAN, plan)
+    todo = [t for t in tasks if t['name'] not in reused]
+    jobs, threads = resolve_jobs(args.jobs, args.device, max(len(todo), 1))
     labels = {m: flags[m]['model'] if args.tract_via == 'model' else f"{args.model} + {flags[m]['opt']}"
               for m in METHODS}
     _print(f"timm-tract compare: {labels['baseline']} vs {labels['tract']} on {data_label}\n"
            f"  {len(tasks)} runs = 2 methods x budgets {budgets} epochs x seeds {seeds}; {jobs} at a time"
            + (f", {threads} torch thread each" if threads else f" on {args.device}") + '\n'
-           f"  output: {out_dir} (one log per run: runs/<run>.log)")
+           f"  output: {out_dir} (one log per run: runs/<run>.log)"
+           + (f"\n  resuming: {len(reused)} finished runs reused, {len(todo)} to train" if reused else ''))
 
-    results: Dict[int, dict] = {}
+    results: Dict[int, dict] = {t['index']: reused[t['name']] for t in tasks if t['name'] in reused}
     start = time.time()
     load_start = load_average()
-
     name_width = max(len(t['name']) for t in tasks)
 
     def done(task: dict, run: dict) -> None:
+        _write_json(runs_dir / f"{task['name']}.json", run)
         results[task['index']] = run
         _print(f"[{len(results):>{len(str(len(tasks)))}}/{len(tasks)}] {task['name']:<{name_width}}"
                f"  top-1 {run['top1']:6.2f}%  {run['wall_s']:7.1f} s (CPU {run['cpu_s']:.1f} s)"
                f"  elapsed {format_duration(time.time() - start)}")
-
-    execute(tasks, jobs, threads, done)
-    runs = [results[i] for i in range(len(tasks))]
-    publish_dir = next(r['output_dir'] for r in runs if (r['method'], r['epochs'], r['seed']) == keep)
 
     recipe = (f"{f'model kwargs {args.model_kwargs}, ' if args.model_kwargs else ''}"
               f"{args.opt} lr {args.lr}, batch {args.batch_size}, weight decay {args.weight_decay}, {args.sched} "
@@ -216,12 +343,29 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
               f"label smoothing {args.smoothing}, {'no augmentation' if args.no_aug else 'timm augmentation'}, "
               f"TrAct λ {args.tract_lambda}{' (relative)' if args.tract_lambda_mode == 'relative' else ''} via "
               f"{args.tract_via}")
-    report = build_report(
-        runs, baseline_label=labels['baseline'], tract_label=labels['tract'], data=data_label, recipe=recipe,
-        seeds=seeds, wall_clock_s=time.time() - start, publish_dir=publish_dir, jobs=jobs, threads_per_run=threads,
-        load_avg={'start': load_start, 'end': load_average()},
-        created=datetime.datetime.now().isoformat(timespec='seconds'), num_classes=args.num_classes,
-        command=' '.join(['timm-tract compare', *argv] if argv is not None else ['timm-tract', *sys.argv[1:]]))
+
+    def report_kwargs(runs: List[dict]) -> dict:
+        publish_dir = next((r['output_dir'] for r in runs if (r['method'], r['epochs'], r['seed']) == keep), None)
+        return dict(
+            baseline_label=labels['baseline'], tract_label=labels['tract'], data=data_label, recipe=recipe,
+            seeds=seeds, wall_clock_s=time.time() - start, publish_dir=publish_dir, jobs=jobs,
+            threads_per_run=threads, load_avg={'start': load_start, 'end': load_average()},
+            created=datetime.datetime.now().isoformat(timespec='seconds'), num_classes=args.num_classes,
+            command=command)
+
+    try:
+        with stop_on_signals():
+            if todo:
+                execute(todo, jobs, threads, done)
+    except BaseException as error:
+        runs = [results[i] for i in sorted(results)]
+        reason = _stop_reason(error)
+        md = _write_partial(out_dir, runs, len(tasks), reason, command, report_kwargs(runs)) if runs else None
+        _print(f"{reason}: {len(runs)} of {len(tasks)} runs finished"
+               + (f"; partial report: {md}" if md else '') + f"; run the same command to resume: {command}")
+        raise
+    runs = [results[i] for i in range(len(tasks))]
+    report = build_report(runs, **report_kwargs(runs))
     report['paths'] = write_report(report, str(out_dir))
     _print(f"done: {len(runs)} runs in {format_duration(report['wall_clock_s'])} wall-clock, CPU time "
            f"{format_duration(report['cpu_s'])}, {jobs} at a time. {report['speedup']['text']}\n"
