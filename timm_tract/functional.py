@@ -812,7 +812,7 @@ def _check_solution(info: Optional[torch.Tensor], out: torch.Tensor, system: tor
         ok = (info.sum() + out.sum() * 0) == 0  # NaN when the solution is not finite
         torch._assert_async(ok, 'TrAct: the system XᵀX/N + λI is not positive definite (NaN/Inf in the first layer '
                                 'input, or an input scale too large); standardize the input or raise tract_lambda.')
-    elif not math.isfinite(float(out.sum())):
+    elif not math.isfinite(float(out.detach().sum())):
         raise _pd_error(system, x, tract_lambda)
 
 
@@ -917,19 +917,35 @@ class _TrActWeightGrad(torch.autograd.Function):
 
     The patch statistics come from `x` (the layer input, detached) at backward time, so nothing beyond what the layer
     saves anyway is kept alive, and no work is done when no backward happens.
+
+    torch.func: the new-style form (`setup_context`) with a generated vmap rule, so `jacrev`, `jvp`-free input
+    transforms and `vmap` over inputs work (the forward is the identity on the weight); a vmapped backward (per-sample
+    weight gradients, `vmap(grad(...))` w.r.t. the parameters) is refused in `backward`: the TrAct gradient is defined
+    by the Gram of the whole batch.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, x, geom, tract_lambda, sync_gram, lambda_mode):
+    def forward(weight, x, geom, tract_lambda, sync_gram, lambda_mode):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, geom, tract_lambda, sync_gram, lambda_mode = inputs
         ctx.save_for_backward(x)
         ctx.geom, ctx.tract_lambda, ctx.sync_gram, ctx.lambda_mode = geom, tract_lambda, sync_gram, lambda_mode
-        return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_w):
         if grad_w is None:
             return None, None, None, None, None, None
         x, = ctx.saved_tensors
+        if _is_vmapped(grad_w) or _is_vmapped(x):
+            raise TrActArgumentError(
+                'TrAct: per-sample weight gradients (torch.func.vmap over a gradient w.r.t. the TrAct layer\'s weight) '
+                'are not supported: the TrAct gradient is defined by the Gram XᵀX of the whole batch. Take input '
+                'gradients (jacrev/vmap w.r.t. the input work), or call timm_tract.remove_tract(model) first for '
+                'per-sample gradients of the plain model.')
         n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
         num_rows = x[..., 0].numel() if ctx.geom is None else x.shape[0] * math.prod(_conv_out_size(x, ctx.geom))
         rows_form = num_rows < n and not ctx.sync_gram  # under sync_gram the n×n Gram is what the ranks all-reduce
@@ -942,6 +958,16 @@ class _TrActWeightGrad(torch.autograd.Function):
                 stats, num_rows = _sync_gram(stats, num_rows)
             grad = _precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form, x, ctx.lambda_mode)
         return grad, None, None, None, None, None
+
+
+def _is_vmapped(t: torch.Tensor) -> bool:
+    """True for a tensor batched by torch.func.vmap (also one wrapped by a grad transform around it)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def tract_weight(
