@@ -199,6 +199,7 @@ _OP_COUNTS = [
 ]
 
 
+@pytest.mark.slow  # B=8 and B=256 backwards at up to 160 px: about a minute each on 2 cores
 @pytest.mark.parametrize('layer_name,size,path,limit', _OP_COUNTS)
 def test_backward_op_count_is_flat_in_the_batch_with_a_large_budget(layer_name, size, path, limit):
     """With a budget that holds the batch (accelerators), B=8 and B=256 run the same non-view ops, within the limits
