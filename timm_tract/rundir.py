@@ -22,6 +22,9 @@ The directory of `timm-tract compare` (its layout is defined here too):
     report.json            the report (every run's history and times, tables, statistics, machine)
     report.md, compare.png the report for people and its plot
     runs/<method>-e<budget>-s<seed>/   one run directory of the layout above per run, with runs/<run>.log beside it
+    runs/plan.json         every run's train arguments (a stopped comparison resumes only with the same plan)
+    runs/<run>.json        a finished run's record (reused on resume)
+    .timm-tract.lock       held while a process works in the directory (also in run directories; `claim_dir`)
 """
 import csv
 import dataclasses
@@ -38,7 +41,8 @@ __all__ = [
     'ARGS_FILE', 'SUMMARY_FILE', 'LAST_CHECKPOINT', 'BEST_CHECKPOINT', 'TEMP_CHECKPOINT', 'SUMMARY_FIELDS',
     'read_args', 'write_args', 'read_history', 'history_row', 'resumable_checkpoint', 'remove_checkpoints',
     'RunInfo', 'read_run', 'find_compare_report', 'load_weights',
-    'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'compare_run_name',
+    'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'COMPARE_PLAN', 'compare_run_name',
+    'compare_run_record',
     'DATA_FACTS_FILE', 'DataFacts', 'write_data_facts', 'read_data_facts', 'dataset_label_names', 'contained',
     'LOCK_FILE', 'DirClaim', 'claim_dir',
 ]
@@ -59,6 +63,12 @@ COMPARE_REPORT = 'report.json'
 COMPARE_REPORT_MD = 'report.md'
 COMPARE_PLOT = 'compare.png'
 COMPARE_RUNS = 'runs'  # <compare dir>/runs/<run name>/ and <compare dir>/runs/<run name>.log
+COMPARE_PLAN = 'plan.json'  # <compare dir>/runs/plan.json: every run's train arguments
+
+
+def compare_run_record(runs_dir: PathLike, name: str) -> Path:
+    """`<compare dir>/runs/<run name>.json`: the record of a finished run of a comparison."""
+    return Path(runs_dir) / f'{name}.json'
 
 
 def compare_run_name(method: str, budget: int, seed: int) -> str:

@@ -170,7 +170,6 @@ def _print(msg: str) -> None:
     _logger.info(msg)
 
 
-_PLAN = 'plan.json'  # runs/plan.json: every run's train arguments; runs/<run>.json: a finished run's record
 
 
 def _check_runs(tasks: List[dict]) -> None:
@@ -210,7 +209,7 @@ def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
     runs_dir = out_dir / rundir.COMPARE_RUNS
     if not set(os.listdir(out_dir)) - {rundir.LOCK_FILE}:
         return {}
-    plan_path = runs_dir / _PLAN
+    plan_path = runs_dir / rundir.COMPARE_PLAN
     if not plan_path.is_file():
         raise OutputExistsError(f'compare output {out_dir} exists and is not empty; pick another --experiment or '
                                 f'--output (nothing was overwritten).')
@@ -224,11 +223,11 @@ def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
                                 f'(nothing was overwritten).')
     finished = {}
     for name in plan:
-        record = _read_json(runs_dir / f'{name}.json')
+        record = _read_json(rundir.compare_run_record(runs_dir, name))
         if isinstance(record, dict) and record.get('history'):
             finished[name] = record
             continue
-        (runs_dir / f'{name}.json').unlink(missing_ok=True)
+        (rundir.compare_run_record(runs_dir, name)).unlink(missing_ok=True)
         shutil.rmtree(runs_dir / name, ignore_errors=True)
         (runs_dir / f'{name}.log').unlink(missing_ok=True)
     return finished
@@ -314,7 +313,7 @@ def _run_comparison(args: argparse.Namespace, out_dir: Path, tasks: List[dict], 
     plan = _plan(tasks)
     reused = _finished_runs(out_dir, plan)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(runs_dir / _PLAN, plan)
+    _write_json(runs_dir / rundir.COMPARE_PLAN, plan)
     todo = [t for t in tasks if t['name'] not in reused]
     jobs, threads = resolve_jobs(args.jobs, args.device, max(len(todo), 1))
     labels = {m: flags[m]['model'] if args.tract_via == 'model' else f"{args.model} + {flags[m]['opt']}"
