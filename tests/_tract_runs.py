@@ -2,6 +2,7 @@
 import argparse
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,3 +117,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run directory at `dest` (tests that damage a run work on a copy of a shared one)."""
+    shutil.copytree(run_dir, dest)
+    return dest

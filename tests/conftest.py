@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from _fake_hub import FakeHub
+from _tract_runs import make_run
 
 
 @pytest.fixture
@@ -51,3 +52,9 @@ def no_xet(monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True)
     monkeypatch.setattr(constants, 'HF_HUB_DISABLE_TELEMETRY', True)
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tract-sgd run (train.py layout), one per test module; damage only copies of it (`copy_run`)."""
+    return make_run(tmp_path_factory.mktemp('runs') / 'tract-sgd')

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from timm_tract.published import load_manifest, published_cfgs
 from timm_tract.flags import build_train_parser
 from timm_tract.train import train
 
-from _tract_runs import REPO_ROOT, make_run
+from _tract_runs import REPO_ROOT, copy_run, make_run
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TIMM_TRACT = str(Path(sys.executable).parent / 'timm-tract')
@@ -241,16 +240,6 @@ def test_malformed_published_manifest_is_skipped_not_fatal(tmp_path, caplog):
 
 # --- publishing: bad input, hostile files, faults --------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp('runs') / 'tract-sgd')
-
-
-def _copy_run(run_dir: Path, dest: Path) -> Path:
-    shutil.copytree(run_dir, dest)
-    return dest
-
-
 @pytest.mark.parametrize('repo_id,match', [
     ('me/..', 'not a valid Hub repo id'), ('me/bad name', 'not a valid Hub repo id'),
     ('noslash', 'must be ORG/NAME'), ('a/b/c', 'must be ORG/NAME'), ('me/-x', 'not a valid Hub repo id'),
@@ -286,7 +275,7 @@ def test_label_names_file_missing_or_empty(tmp_path):
     ('epochs: 3\n', 'does not name a model'),
 ])
 def test_publish_bad_args_yaml(run_dir, tmp_path, args_text, match):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'args.yaml').write_text(args_text)
     before = tree(tmp_path)
     with pytest.raises(PublishError, match=match) as e:
@@ -295,7 +284,7 @@ def test_publish_bad_args_yaml(run_dir, tmp_path, args_text, match):
 
 
 def test_publish_bad_summary_csv(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'summary.csv').write_text('epoch,train_loss,eval_top1\n0,1.0,forty\n')
     before = tree(tmp_path)
     with pytest.raises(PublishError, match=r"summary.csv line 2: 'forty' is not a number"):
@@ -310,7 +299,7 @@ class _Evil:
 
 @pytest.mark.parametrize('content', ['garbage', 'pickle'])
 def test_publish_never_unpickles_a_checkpoint(run_dir, tmp_path, content):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     marker = Path('/tmp/timm_tract_pwned')
     marker.unlink(missing_ok=True)
     if content == 'garbage':
@@ -334,7 +323,7 @@ def test_publish_uses_a_compare_report_only_when_it_lists_the_run(run_dir, tmp_p
     secret = tmp_path / 'secret.png'
     secret.write_bytes(b'\x89PNG\r\n\x1a\n' + b'SECRET' * 10)
     cmp_dir = tmp_path / 'cmp'
-    run = _copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
+    run = copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
     listed = 'elsewhere/runs/tract-e4-s0' if lists_run else 'elsewhere/runs/other'
     report = {'plot': '../secret.png', 'runs': [{'output_dir': listed}], 'seeds': [0],
               'baseline_label': 'test_resnet', 'tract_label': 'test_resnet_tract', 'table': _TABLE}
@@ -348,7 +337,7 @@ def test_publish_uses_a_compare_report_only_when_it_lists_the_run(run_dir, tmp_p
 
 def test_publish_report_text_is_rendered_from_numbers_and_plot_must_be_png(run_dir, tmp_path):
     cmp_dir = tmp_path / 'cmp'
-    run = _copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
+    run = copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
     (cmp_dir / 'compare.png').write_bytes(b'<html>not a png</html>')
     report = {
         'runs': [{'output_dir': str(run)}], 'seeds': [0, '1; rm -rf /'],
@@ -370,7 +359,7 @@ def test_publish_report_text_is_rendered_from_numbers_and_plot_must_be_png(run_d
 
 
 def test_publish_invalid_report_json(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'report.json').write_text('{"table": [')
     before = tree(tmp_path)
     with pytest.raises(PublishError, match='is not valid JSON .*fix or remove it'):
@@ -426,7 +415,7 @@ def test_lfs_upload_failures_are_retried_then_reported_with_the_stage(run_dir, h
 
 
 def test_read_run_errors_are_publish_errors(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'last.pth.tar').unlink()
     with pytest.raises(PublishError, match=r'has no last.pth.tar; available checkpoints: .*use --checkpoint'):
         read_run(run, 'last')

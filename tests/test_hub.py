@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +24,6 @@ from _tract_runs import (IMG, REPO_ROOT, checkpoint_weights, fixed_input, free_p
 
 TOKEN = 'hf_TestTokenDoNotLeak0123456789'
 
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp('runs') / 'tract-sgd')
 
 
 pytestmark = pytest.mark.usefixtures('no_xet')

@@ -24,7 +24,7 @@ from timm_tract.cards import public_args, training_command
 from timm_tract.errors import PublishError
 from timm_tract.hub import TIMEOUT_ENV, PublishOptions, build_repo_folder, publish
 
-from _tract_runs import REPO_ROOT, checkpoint_weights, make_run, run_python, subprocess_env
+from _tract_runs import REPO_ROOT, checkpoint_weights, copy_run, make_run, run_python, subprocess_env
 
 TOKEN = 'hf_hardening_token'
 TIMM_TRACT = str(Path(sys.executable).parent / 'timm-tract')
@@ -38,16 +38,6 @@ def tree(root: Path) -> dict:
 def published_text(folder: Path) -> str:
     return '\n'.join(p.read_bytes().decode('utf-8', 'replace') for p in sorted(folder.rglob('*'))
                      if p.is_file() and p.suffix != '.safetensors')
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp('runs') / 'tract-sgd')
-
-
-def _copy_run(run_dir: Path, dest: Path) -> Path:
-    shutil.copytree(run_dir, dest)
-    return dest
 
 
 def _link_out(run: Path, name: str, outside: Path) -> Path:
@@ -69,7 +59,7 @@ def _refused_naming(e: pytest.ExceptionInfo, link: Path) -> str:
 
 @pytest.mark.parametrize('name', ['summary.csv', 'args.yaml', 'model_best.pth.tar', 'data_facts.json'])
 def test_a_file_linked_out_of_the_run_is_refused_naming_the_link(run_dir, tmp_path, name):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     _link_out(run, name, tmp_path / 'outside')
     before = tree(tmp_path)
     with pytest.raises(PublishError) as e:
@@ -79,7 +69,7 @@ def test_a_file_linked_out_of_the_run_is_refused_naming_the_link(run_dir, tmp_pa
 
 
 def test_summary_linked_to_etc_passwd_is_neither_published_nor_quoted(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'summary.csv').unlink()
     (run / 'summary.csv').symlink_to('/etc/passwd')
     with pytest.raises(PublishError) as e:
@@ -90,7 +80,7 @@ def test_summary_linked_to_etc_passwd_is_neither_published_nor_quoted(run_dir, t
 
 def test_the_content_of_a_linked_csv_is_never_quoted(run_dir, tmp_path):
     """Before: a link to a CSV with a bad value had that value quoted in the error line."""
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     target = _link_out(run, 'summary.csv', tmp_path / 'private')
     target.write_text('epoch,train_loss,eval_top1\n0,1.0,SECRET-SALARY-123\n')
     with pytest.raises(PublishError) as e:
@@ -101,7 +91,7 @@ def test_the_content_of_a_linked_csv_is_never_quoted(run_dir, tmp_path):
 
 def test_a_folder_linked_out_of_the_run_is_refused(run_dir, tmp_path):
     """`--checkpoint ckpts/best.pth.tar` where the run's ckpts/ is a link to a folder elsewhere."""
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
     shutil.copyfile(run / 'model_best.pth.tar', elsewhere / 'best.pth.tar')
@@ -112,7 +102,7 @@ def test_a_folder_linked_out_of_the_run_is_refused(run_dir, tmp_path):
 
 
 def test_a_hub_folder_linked_out_of_the_run_is_not_written_through(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (tmp_path / 'victim').mkdir()
     (run / 'hub').symlink_to(tmp_path / 'victim', target_is_directory=True)
     with pytest.raises(PublishError) as e:
@@ -123,7 +113,7 @@ def test_a_hub_folder_linked_out_of_the_run_is_not_written_through(run_dir, tmp_
 
 def test_a_compare_report_linked_out_of_its_directory_is_refused(run_dir, tmp_path):
     cmp_dir = tmp_path / 'cmp'
-    run = _copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
+    run = copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
     report = {'runs': [{'output_dir': str(run)}], 'table': [
         {'method': 'baseline', 'epochs': 4, 'n': 1, 'mean': 40.0, 'std': 0.0},
         {'method': 'tract', 'epochs': 4, 'n': 1, 'mean': 50.0, 'std': 0.0}]}
@@ -135,7 +125,7 @@ def test_a_compare_report_linked_out_of_its_directory_is_refused(run_dir, tmp_pa
 
 
 def test_links_inside_the_run_and_a_linked_run_directory_publish(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'model_best.pth.tar').unlink()
     (run / 'model_best.pth.tar').symlink_to('checkpoint-1.pth.tar')  # relative, inside the run
     (tmp_path / 'alias').symlink_to(run, target_is_directory=True)
@@ -195,7 +185,7 @@ def test_published_plot_and_card_are_rendered_from_public_names_only(run_dir, tm
     is rendered with the card's public names; its compare.png (with the path in its title) is never copied."""
     import timm_tract.compare.report as report_module
     cmp_dir = tmp_path / 'cmp'
-    run = _copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
+    run = copy_run(run_dir, cmp_dir / 'runs' / 'tract-e4-s0')
     report = {'runs': [{'output_dir': str(run)}], 'data': f'{LOCAL}/data', 'seeds': [0],
               'baseline_label': f'local-dir:{LOCAL}/m', 'tract_label': f'{LOCAL}/twin',
               'table': [{'method': 'baseline', 'epochs': 4, 'n': 1, 'mean': 40.0, 'std': 0.0},
@@ -329,7 +319,7 @@ def test_the_recorded_data_set_names_the_card_without_reading_the_data(tmp_path)
 
 
 def test_damaged_data_facts_are_one_line_errors(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     for text, match in (('{not json', 'is not valid JSON'), ('{"label_names": [1, 2]}', 'not a timm-tract data facts'),
                         ('{"label_names": null, "dataset": {"name": 5}}', 'dataset.name must be a string')):
         (run / 'data_facts.json').write_text(text)
@@ -399,7 +389,7 @@ def test_nan_metrics_are_never_published(tmp_path):
 def test_unencodable_label_names_are_refused_before_writing(run_dir, tmp_path):
     with pytest.raises(PublishError, match=r"label name 1 of the given label names \('b\\udcff'\) is not valid"):
         PublishOptions(label_names=['a', 'b\udcff', 'c'])
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     rundir.write_data_facts(run, ['cat', 'd\udcffg', 'fish'])  # a class folder whose name is not UTF-8
     with pytest.raises(PublishError, match=r'label name 1 of .*data_facts.json .*--label-names FILE'):
         build_repo_folder(run, 'me/x', tmp_path / 'repo')
@@ -431,7 +421,7 @@ def test_eval_results_round_trip_on_the_hub(tmp_path, hub, no_xet):
 
 @pytest.mark.slow
 def test_cli_refusals_are_one_line_exit_2(run_dir, tmp_path):
-    run = _copy_run(run_dir, tmp_path / 'run')
+    run = copy_run(run_dir, tmp_path / 'run')
     (run / 'summary.csv').unlink()
     (run / 'summary.csv').symlink_to('/etc/passwd')
     env = {**{k: v for k, v in os.environ.items() if k != 'TIMM_TRACT_DEBUG'}, 'OMP_NUM_THREADS': '1',
