@@ -355,7 +355,8 @@ def test_compare_end_to_end(small_data, tmp_path, caplog):
     # the plan first, then one line per finished run (its top-1 and time), then a summary (the library logs them; the
     # CLI shows its log on stderr); nothing else
     err = '\n'.join(r.getMessage() for r in caplog.records if r.name == 'timm_tract.compare').splitlines()
-    assert err[0] == 'timm-tract compare: test_resnet vs test_resnet_tract on ' + str(small_data)
+    # the data is named by its folder, never by its local path (the label reaches the report and published plot)
+    assert err[0] == 'timm-tract compare: test_resnet vs test_resnet_tract on ' + small_data.name
     assert err[1].strip() == ('12 runs = 2 methods x budgets [1, 2] epochs x seeds [0, 1, 2]; 2 at a time, '
                               '1 torch thread each')
     assert err[2].strip().startswith(f'output: {out}')
