@@ -164,8 +164,8 @@ def test_train_writes_train_py_layout_and_returns_history(data_dir, tmp_path):
     run = tmp_path / 'run'
     assert result.output_dir == str(run)
     files = sorted(os.listdir(run))
-    assert files == ['args.yaml', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar',
-                     'model_best.pth.tar', 'summary.csv']
+    assert files == ['args.yaml', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'data_facts.json', 'last.pth.tar',
+                     'model_best.pth.tar', 'summary.csv']  # the lock file is gone once the run ends
     rows = _summary_rows(run)
     assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
     assert [h['epoch'] for h in result.history] == [0, 1]
