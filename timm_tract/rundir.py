@@ -42,7 +42,7 @@ __all__ = [
     'read_args', 'write_args', 'read_history', 'history_row', 'resumable_checkpoint', 'remove_checkpoints',
     'RunInfo', 'read_run', 'find_compare_report', 'load_weights',
     'COMPARE_REPORT', 'COMPARE_REPORT_MD', 'COMPARE_PLOT', 'COMPARE_RUNS', 'COMPARE_PLAN', 'compare_run_name',
-    'compare_run_record',
+    'compare_run_record', 'compare_run_log',
     'DATA_FACTS_FILE', 'DataFacts', 'write_data_facts', 'read_data_facts', 'dataset_label_names', 'contained',
     'LOCK_FILE', 'DirClaim', 'claim_dir',
 ]
@@ -69,6 +69,11 @@ COMPARE_PLAN = 'plan.json'  # <compare dir>/runs/plan.json: every run's train ar
 def compare_run_record(runs_dir: PathLike, name: str) -> Path:
     """`<compare dir>/runs/<run name>.json`: the record of a finished run of a comparison."""
     return Path(runs_dir) / f'{name}.json'
+
+
+def compare_run_log(runs_dir: PathLike, name: str) -> Path:
+    """`<compare dir>/runs/<run name>.log`: the console output of one run of a comparison."""
+    return Path(runs_dir) / f'{name}.log'
 
 
 def compare_run_name(method: str, budget: int, seed: int) -> str:

@@ -229,7 +229,7 @@ def _finished_runs(out_dir: Path, plan: dict) -> Dict[str, dict]:
             continue
         (rundir.compare_run_record(runs_dir, name)).unlink(missing_ok=True)
         shutil.rmtree(runs_dir / name, ignore_errors=True)
-        (runs_dir / f'{name}.log').unlink(missing_ok=True)
+        rundir.compare_run_log(runs_dir, name).unlink(missing_ok=True)
     return finished
 
 
@@ -287,7 +287,7 @@ def compare(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
         tasks.append({'index': index, 'name': run_name, 'cost': budget * (1.2 if method == 'tract' else 1.),
                       'kwargs': dict(
             ns=ns, method=method, keep=args.keep_checkpoints or (method, budget, seed) == keep,
-            log_path=str(runs_dir / f'{run_name}.log'))})
+            log_path=str(rundir.compare_run_log(runs_dir, run_name)))})
     _check_runs(tasks)
     command = ' '.join(['timm-tract compare', *argv] if argv is not None else ['timm-tract', *sys.argv[1:]])
     if not args.experiment:
@@ -330,7 +330,7 @@ def _run_comparison(args: argparse.Namespace, out_dir: Path, tasks: List[dict], 
     name_width = max(len(t['name']) for t in tasks)
 
     def done(task: dict, run: dict) -> None:
-        _write_json(runs_dir / f"{task['name']}.json", run)
+        _write_json(rundir.compare_run_record(runs_dir, task['name']), run)
         results[task['index']] = run
         _print(f"[{len(results):>{len(str(len(tasks)))}}/{len(tasks)}] {task['name']:<{name_width}}"
                f"  top-1 {run['top1']:6.2f}%  {run['wall_s']:7.1f} s (CPU {run['cpu_s']:.1f} s)"
