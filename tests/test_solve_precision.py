@@ -195,3 +195,14 @@ def test_rank_deficient_gram_with_tiny_lambda_says_so():
     msg = str(info.value)
     assert 'λ=1e-20 is below the torch.float64 resolution' in msg and 'rank-deficient' in msg
     assert 'Raise tract_lambda' in msg and 'input scale' not in msg
+
+
+def test_non_finite_incoming_gradient_passes_through_like_the_plain_layer():
+    """An inf/NaN output gradient (an fp16 overflow GradScaler skips) gives a non-finite weight gradient, as for the
+    plain conv, instead of a NotPositiveDefiniteError blaming the input: only a bad system raises."""
+    from timm_tract.functional import tract_conv2d
+    x = torch.randn(2, 3, 16, 16)
+    w = torch.randn(8, 3, 7, 7, requires_grad=True)
+    y = tract_conv2d(x, w, None, 2, 3)
+    y.backward(torch.full_like(y, float('inf')))
+    assert not torch.isfinite(w.grad).all()
