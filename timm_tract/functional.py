@@ -942,7 +942,7 @@ class _TrActWeightGrad(torch.autograd.Function):
         if grad_w is None:
             return None, None, None, None, None, None
         x, = ctx.saved_tensors
-        if _is_vmapped(grad_w) or _is_vmapped(x):
+        if not torch.compiler.is_compiling() and (_is_vmapped(grad_w) or _is_vmapped(x)):
             raise TrActArgumentError(
                 'TrAct: per-sample weight gradients (torch.func.vmap over a gradient w.r.t. the TrAct layer\'s weight) '
                 'are not supported: the TrAct gradient is defined by the Gram XᵀX of the whole batch. Take input '
@@ -963,7 +963,9 @@ class _TrActWeightGrad(torch.autograd.Function):
 
 
 def _is_vmapped(t: torch.Tensor) -> bool:
-    """True for a tensor batched by torch.func.vmap (also one wrapped by a grad transform around it)."""
+    """True for a tensor batched by torch.func.vmap (also one wrapped by a grad transform around it).
+
+    Not traceable by dynamo (a graph break in the compiled backward): not asked while torch.compile traces."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
