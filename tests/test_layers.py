@@ -10,6 +10,7 @@ from timm.layers import StdConv2d, create_feature_extractor
 
 from timm_tract import TrActConv2d, TrActLinear, apply_tract, find_first_layer, is_tract_layer, remove_tract
 from timm_tract import functional as TF
+from timm_tract.errors import NotPositiveDefiniteError
 
 
 def _small_net(tract=True):
@@ -159,6 +160,40 @@ def test_torch_compile_gives_eager_gradients():
     model.zero_grad()
     compiled(x).square().mean().backward()
     assert torch.allclose(model[0].weight.grad, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('first,size', [
+    (lambda: TrActConv2d(3, 8, 3, stride=2, padding=1), 16),  # shifted Gram
+    (lambda: TrActConv2d(3, 8, 7, stride=2, padding=3), 96),  # spectral Gram
+    (lambda: TrActConv2d(3, 8, 4, stride=4), 16),  # unfold Gram (patch embed)
+    (lambda: nn.Sequential(nn.Flatten(2), TrActLinear(16 * 16, 8)), 16),  # Linear
+], ids=['shifted', 'spectral', 'unfold', 'linear'])
+def test_torch_compile_fullgraph_keeps_the_tract_gradient(first, size):
+    """torch.compile traces the TrAct backward as one op (`timm_tract::weight_grad`): no graph break around the layer
+    (`fullgraph=True` compiles), one graph, and the compiled gradient is the eager one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = nn.Sequential(first(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(4, 3, size, size)
+    eager = _first_grad(model, x, first=[m for m in model.modules() if is_tract_layer(m)][0])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    layer = [m for m in model.modules() if is_tract_layer(m)][0]
+    assert torch.allclose(_first_grad(compiled, x, first=layer), eager, rtol=1e-5, atol=1e-6)
+    assert counters['stats']['unique_graphs'] == 1 and not counters['graph_break']
+
+
+def test_torch_compile_raises_the_cpu_error_for_a_nan_input():
+    """The op runs eagerly inside the compiled graph: on CPU a NaN input still raises NotPositiveDefiniteError."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    compiled = torch.compile(_small_net(), backend='aot_eager', fullgraph=True)
+    x = torch.randn(4, 3, 16, 16)
+    x[0, 0, 0, 0] = float('nan')
+    with pytest.raises(NotPositiveDefiniteError, match='NaN/Inf'):
+        compiled(x).sum().backward()
 
 
 def test_timm_fx_keeps_layer_as_leaf_with_tract_gradient():

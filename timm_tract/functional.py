@@ -32,7 +32,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -137,8 +137,6 @@ def _device_memory(device_type: str, index: Optional[int]) -> Optional[int]:
     """Total memory of an accelerator in bytes (None when its backend does not report it); cached per device."""
     key = (device_type, index)
     if key not in _device_memory_cache:
-        if torch.compiler.is_compiling():  # not queried while tracing: any budget gives the same exact Gram
-            return None
         try:
             backend = getattr(torch, device_type)
             total = int(backend.get_device_properties(index if index is not None else backend.current_device())
@@ -789,7 +787,7 @@ def _scale_error(head: str, max_abs: str, system: torch.Tensor, tract_lambda: fl
 def _cholesky(a: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cholesky factor of the TrAct system `a` (g, k, k) and its LAPACK info (CPU: None, checked already)."""
-    if a.device.type == 'cpu' and not torch.compiler.is_compiling():
+    if a.device.type == 'cpu':
         try:
             return torch.linalg.cholesky(a), None
         except torch.linalg.LinAlgError:
@@ -803,12 +801,12 @@ def _check_solution(info: Optional[torch.Tensor], out: torch.Tensor, system: tor
 
     CPU: the factorization raised already for a non-positive-definite system (`_cholesky`); a NaN/Inf solution (NaN/Inf
     in the system, which LAPACK does not always report) raises a `NotPositiveDefiniteError` naming the cause.
-    Accelerators (and while compiling): a device-side assert (`torch._assert_async`), which never makes the host wait
+    Accelerators: a device-side assert (`torch._assert_async`), which never makes the host wait
     for the device (no sync per step, CUDA-graph safe); the failure surfaces at the next synchronization.
     """
     if out.device.type == 'meta':
         return
-    if out.device.type != 'cpu' or torch.compiler.is_compiling():
+    if out.device.type != 'cpu':
         ok = (info.sum() + out.sum() * 0) == 0  # NaN when the solution is not finite
         torch._assert_async(ok, 'TrAct: the system XᵀX/N + λI is not positive definite (NaN/Inf in the first layer '
                                 'input, or an input scale too large); standardize the input or raise tract_lambda.')
@@ -942,24 +940,56 @@ class _TrActWeightGrad(torch.autograd.Function):
         if grad_w is None:
             return None, None, None, None, None, None
         x, = ctx.saved_tensors
-        if not torch.compiler.is_compiling() and (_is_vmapped(grad_w) or _is_vmapped(x)):
+        geom = ctx.geom
+        if torch.compiler.is_compiling():  # one opaque op (`_weight_grad_op`): the compiled graph stays whole
+            geometry = [] if geom is None else [*geom.kernel_size, *geom.stride, *geom.dilation, *geom.pad, geom.groups]
+            grad = _weight_grad_op(grad_w, x, geometry, '' if geom is None else geom.padding_mode, ctx.tract_lambda,
+                                   ctx.sync_gram, ctx.lambda_mode)
+            return grad, None, None, None, None, None
+        if _is_vmapped(grad_w) or _is_vmapped(x):
             raise TrActArgumentError(
                 'TrAct: per-sample weight gradients (torch.func.vmap over a gradient w.r.t. the TrAct layer\'s weight) '
                 'are not supported: the TrAct gradient is defined by the Gram XᵀX of the whole batch. Take input '
                 'gradients (jacrev/vmap w.r.t. the input work), or call timm_tract.remove_tract(model) first for '
                 'per-sample gradients of the plain model.')
-        n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
-        num_rows = x[..., 0].numel() if ctx.geom is None else x.shape[0] * math.prod(_conv_out_size(x, ctx.geom))
-        rows_form = num_rows < n and not ctx.sync_gram  # under sync_gram the n×n Gram is what the ranks all-reduce
-        with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
-            if ctx.geom is None:
-                stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
-            else:
-                stats, num_rows = _conv_patch_stats(x, ctx.geom, keep_rows=rows_form)
-            if ctx.sync_gram:
-                stats, num_rows = _sync_gram(stats, num_rows)
-            grad = _precondition(grad_w, stats, num_rows, ctx.tract_lambda, rows_form, x, ctx.lambda_mode)
+        grad = _weight_grad(grad_w, x, geom, ctx.tract_lambda, ctx.sync_gram, ctx.lambda_mode)
         return grad, None, None, None, None, None
+
+
+def _weight_grad(grad_w: torch.Tensor, x: torch.Tensor, geom: Optional[ConvGeometry], tract_lambda: float,
+                 sync_gram: bool, lambda_mode: str) -> torch.Tensor:
+    """The TrAct gradient from the ordinary one, grad_w (shape of the weight), and the layer input x."""
+    n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
+    num_rows = x[..., 0].numel() if geom is None else x.shape[0] * math.prod(_conv_out_size(x, geom))
+    rows_form = num_rows < n and not sync_gram  # under sync_gram the n×n Gram is what the ranks all-reduce
+    with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
+        if geom is None:
+            stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
+        else:
+            stats, num_rows = _conv_patch_stats(x, geom, keep_rows=rows_form)
+        if sync_gram:
+            stats, num_rows = _sync_gram(stats, num_rows)
+        return _precondition(grad_w, stats, num_rows, tract_lambda, rows_form, x, lambda_mode)
+
+
+@torch.library.custom_op('timm_tract::weight_grad', mutates_args=())
+def _weight_grad_op(grad_w: torch.Tensor, x: torch.Tensor, geometry: List[int], padding_mode: str,
+                    tract_lambda: float, sync_gram: bool, lambda_mode: str) -> torch.Tensor:
+    """`_weight_grad` as one opaque op, what the backward calls while torch.compile traces it: the compiled graph
+    (also `fullgraph=True`, CUDA graphs) runs it as it is, without tracing the Gram plans (sparse tensors, cached
+    plans), so the graph around the TrAct layer stays whole. Eager backward calls `_weight_grad` directly (also
+    under torch.func transforms, which a custom op without an autograd formula would refuse). `geometry`: [] for a
+    Linear, else the ConvGeometry fields (kh, kw, sh, sw, dh, dw, left, right, top, bottom, groups)."""
+    geom = None
+    if geometry:
+        kh, kw, sh, sw, dh, dw, left, right, top, bottom, groups = geometry
+        geom = ConvGeometry((kh, kw), (sh, sw), (dh, dw), (left, right, top, bottom), padding_mode, groups)
+    return _weight_grad(grad_w, x, geom, tract_lambda, sync_gram, lambda_mode)
+
+
+@_weight_grad_op.register_fake
+def _(grad_w, x, geometry, padding_mode, tract_lambda, sync_gram, lambda_mode):
+    return grad_w.new_empty(grad_w.shape)
 
 
 def _is_vmapped(t: torch.Tensor) -> bool:
