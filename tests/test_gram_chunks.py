@@ -142,16 +142,18 @@ def test_conv_gram_over_several_chunks_and_bands(budget, path, elements):
     if TF._uses_shifted_gram(geom):
         shifted = TF._ShiftedGram(size[1], geom.kernel_size, geom.stride, size[3] + geom.pad[0] + geom.pad[1],
                                   torch.float64, 'cpu')
-        one_row = shifted.m * shifted.t_max
+        one_row = shifted.m * shifted.t_max  # one output row of V
+        slack = shifted.m * (shifted.shifts - 1)  # V's zero rows after the chunk (taken from the budget)
         # accumulators and the final assembly: fixed sizes, whatever the batch and the budget
-        fixed = max(n * n, (shifted.shifts + len(shifted.edges)) * shifted.m ** 2)  # the Gram, the accumulator
-        gemms_per_chunk = shifted.shifts
-        gemm = 'addmm_'
+        fixed = max(n * n, shifted.acc.numel())  # the Gram, the accumulator
+        gemms_per_chunk = 3  # the flat products, the edge terms at each end
+        gemm = 'baddbmm_'
     else:
-        one_row, fixed = n * w_out, n * n
+        one_row, fixed, slack = n * w_out, n * n, 0
         gemms_per_chunk = len(TF._gram_strips(n)) - 1
         gemm = 'baddbmm_'
-    assert max(seen.sizes) <= max(elements, one_row, padded_image, fixed)
+    assert max(seen.sizes) <= max(elements, one_row + slack, padded_image, fixed)
+    elements = max(1, elements - slack)
     per_image = one_row * h_out
     if elements >= per_image * size[0]:
         chunks = 1
@@ -189,12 +191,12 @@ def _bench_module():
     return module
 
 
-# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): the stem's Gram
-# path takes 39 (spectral) / 28 (shifted) ops, restoring the centered Gram (`_restore_offset`) 18 more (the issue's
-# target was <= 40; 90 before)
+# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): 50 (spectral) and
+# 36 (shifted) for the stem, of which centering the input takes 3 and restoring the Gram (`_restore_offset`) 9 (the
+# issue's target was <= 40; 90 before)
 _OP_COUNTS = [
-    ('resnet_stem_7x7s2', 64, 'spectral', 57),
-    ('resnet_stem_7x7s2', 32, 'shifted', 46),
+    ('resnet_stem_7x7s2', 64, 'spectral', 50),
+    ('resnet_stem_7x7s2', 32, 'shifted', 36),
     ('patch_embed_16x16', 160, 'unfold', 22),  # N = 8·10·10 >= n = 768: the Gram branch
 ]
 

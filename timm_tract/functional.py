@@ -280,6 +280,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     elif path == 'shifted':
         accumulator = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
         row_elements = accumulator.m * accumulator.t_max
+        budget = max(1, budget - accumulator.m * (accumulator.shifts - 1))  # V's slack rows
     else:
         out = x.new_zeros((g, n, n), dtype=dtype)
     # chunk = whole images while they fit the budget, else bands of output rows of one image
@@ -328,29 +329,27 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
     """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
 
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
-    padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃, with
-    X'ᵀM̃[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows X'[row, r]·M[row, t'] from the batch sum of x' (one image's
-    unfold), and M̃ᵀM̃ = B·(c cᵀ) ⊗ MᵀM (MᵀM of one image, cached). Inputs far from zero mean (raw [0, 255] pixels,
-    constant images) keep their accuracy: the float32 Gram only sees the centered values."""
-    mask, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)
+    padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
+    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows (X' + M̃/2)[row, r]·M[row, t']: one image's
+    unfold of z = Σ_b x'_b + (B/2)·c (the batch sum of x' plus half the offset, padded like the input) times Mᵀ.
+    Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 Gram only sees
+    the centered values."""
+    mask = _offset_mask(geom, tuple(size), image_sum.device)  # (taps, L)
     mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
-    cols = F.unfold(F.pad(image_sum[None], geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation,
+    z = torch.add(image_sum.double(), offset.view(-1, 1, 1), alpha=batch / 2)
+    cols = F.unfold(F.pad(z[None], geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation,
                     stride=geom.stride)[0]  # (n, L)
-    c = offset.double()
     n, taps = cols.shape[0], mask.shape[0]
-    q = cols.double() @ mask.T  # (n, taps)
-    cross = (q.view(n, 1, taps) * c.view(1, -1, 1)).view(n, n)
-    offsets = torch.kron(torch.outer(c, c), mask_gram) * batch
-    return (gram.double() + cross + cross.T + offsets).view(1, n, n)
+    s = ((cols @ mask.T).view(n, 1, taps) * offset.view(1, -1, 1)).view(n, n)
+    return gram.double().add_(s).add_(s.T)
 
 
 @functools.lru_cache(maxsize=64)
-def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64, and MᵀM (kh·kw, kh·kw)."""
+def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64."""
     mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
     ones = F.pad(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom.pad, mode=mode)
-    mask = F.unfold(ones, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)[0]
-    return mask, mask @ mask.T
+    return F.unfold(ones, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)[0]
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
@@ -612,51 +611,60 @@ class _ShiftedGram:
     the (u, u') block is Σ_{t=u'}^{u'+W_out-1} V[t+δ]ᵀV[t] = M_δ - Σ_{t<u'} E(δ,t) + Σ_{t=W_out}^{W_out+u'-1} E(δ,t),
     with M_δ = Σ_{t<W_out} V[t+δ]ᵀV[t] (U GEMMs over all rows: U·(C·kh·sw)² instead of (C·kh·kw)² flops per row,
     e.g. 4·42² = 7056 vs 147² = 21609 for the 7×7 stride-2 ResNet stem)
-    and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge terms; blocks with u < u' are transposes.
-    The block combination (a sparse ±1 product) and the (c, i, j) gather are cached per geometry (`_shifted_plan`).
+    and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge terms; blocks with u < u' are transposes. The edge terms of one t
+    for every δ are one GEMM over the rows (b, p) of strided views of V (no gather): V[t..t+U-1] (all δ at once) by
+    V[t], batched over the U-1 values of t at each end; V has U-1 zero rows of slack at its end, so these views stay
+    in bounds, and terms with t + δ ≥ T (reading the next row's or the slack's values) are computed but unused.
+    The block combination (a small dense ±1 product) and the (c, i, j) gather are cached per geometry
+    (`_shifted_plan`).
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int, dtype, device):
         self.plan = plan = _shifted_plan(chans, kernel_size, stride, w_in, torch.device(device))
         self.kh, self.sh, self.sw, self.chans = plan.kh, plan.sh, plan.sw, chans
         self.w_out, self.shifts, self.t_max, self.m = plan.w_out, plan.shifts, plan.t_max, plan.m
-        self.edges = plan.edges
-        # accumulators: M_δ (U, m, m), then the edge terms E(δ, t) (P, m, m), in one tensor
-        self.acc = torch.zeros((self.shifts + len(self.edges), self.m, self.m), dtype=dtype, device=device)
-        self.main, self.edge = self.acc[:self.shifts], self.acc[self.shifts:]
+        # accumulators in one tensor: M_δ (U, m, m), then E(δ, t) for t < U-1, then for W_out <= t < W_out+U-1
+        # ((U-1)·U blocks each, (t, δ) order)
+        u, m = self.shifts, self.m
+        self.acc = torch.zeros((u + 2 * (u - 1) * u, m, m), dtype=dtype, device=device)
+        self.main = self.acc[:u]
+        self.low = self.acc[u:u + (u - 1) * u].view(u - 1, u * m, m)
+        self.high = self.acc[u + (u - 1) * u:].view(u - 1, u * m, m)
 
     def add(self, xp: torch.Tensor) -> None:
         """Accumulate the patches of xp (b, C, H, W), already padded, H covering whole output rows."""
-        pl = self.plan
         b = xp.shape[0]
         h_out = (xp.shape[2] - self.kh) // self.sh + 1
         width = self.sw * self.t_max
         xp = xp[:, :, :self.sh * (h_out - 1) + self.kh, :width]  # rows/columns no patch reaches
         if xp.shape[3] < width:  # columns only phantom taps j ≥ kw reach (dropped in `gram`)
             xp = F.pad(xp, (0, width - xp.shape[3]))
-        v = xp.reshape(b, self.chans, xp.shape[2], self.t_max, self.sw).unfold(2, self.kh, self.sh)
-        v = v.permute(0, 2, 3, 1, 5, 4).reshape(-1, self.m)  # rows (b, p, t), columns (c, i, a)
-        blocks, t_max, m = b * h_out, self.t_max, self.m
-        length = v.shape[0] - (self.shifts - 1)
-        v3 = v.view(blocks, t_max, m)
-        # right operand: rows with t ≥ W_out zeroed, so the flat products below sum exactly over the windows t < W_out
-        # (a left row r + d may run into the next block: it is multiplied by such a zero row)
-        window = (v3 * pl.window[v3.dtype]).view(-1, m)[:length]
-        for d in range(self.shifts):
-            self.main[d].addmm_(v[d:d + length].T, window)
-        if self.edges:
-            cols = v3.index_select(1, pl.edge_columns)  # (blocks, 2P, m): the left columns t + δ, then the right ones
-            self.edge.baddbmm_(cols[:, :len(self.edges)].permute(1, 2, 0), cols[:, len(self.edges):].transpose(0, 1))
+        blocks, t_max, m, u = b * h_out, self.t_max, self.m, self.shifts
+        v = xp.reshape(b, self.chans, xp.shape[2], t_max, self.sw).unfold(2, self.kh, self.sh)
+        rows = blocks * t_max
+        # V: rows (b, p, t), columns (c, i, a), and U-1 rows of zero slack; gathered column-major first (reads along
+        # the input's rows: about 3x faster than a direct row-major gather), then transposed
+        buf = xp.new_empty((rows + u - 1, m))
+        buf[:rows].copy_(v.permute(1, 5, 4, 0, 2, 3).reshape(m, rows).t())
+        buf[rows:].zero_()
+        # flat products over all rows: [d] = Σ_r V[r + d]ᵀ V[r] (r + d may run into the next block or the slack)
+        shifted = buf.as_strided((u, rows, m), (m, m, 1))  # [d] = V[d:d + rows], no copy
+        self.main.baddbmm_(shifted.transpose(1, 2), buf[:rows].expand(u, rows, m))
+        # edge terms: [t] = V[t..t+U-1]ᵀ V[t] summed over the rows (b, p), for t < U-1 and for t >= W_out
+        for acc, t0 in ((self.low, 0), (self.high, self.w_out)):
+            left = buf.as_strided((u - 1, u * m, blocks), (m, 1, t_max * m), t0 * m)
+            right = buf.as_strided((u - 1, blocks, m), (m, t_max * m, 1), t0 * m)
+            acc.baddbmm_(left, right)
 
     def gram(self) -> torch.Tensor:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
         pl = self.plan
-        blocks = torch.sparse.mm(pl.selection[self.acc.dtype], self.acc.view(self.acc.shape[0], -1))
+        blocks = pl.selection[self.acc.dtype] @ self.acc.view(self.acc.shape[0], -1)
         return blocks.view(-1).index_select(0, pl.order).view(pl.n, pl.n)
 
 
 class _ShiftedPlan:
-    """Sizes, edge pairs (δ, t), the window mask, the block combination and the (c, i, j) gather of `_ShiftedGram`."""
+    """Sizes, the window mask, the block combination and the (c, i, j) gather of `_ShiftedGram`."""
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int,
                  device: torch.device):
@@ -666,28 +674,22 @@ class _ShiftedPlan:
         self.t_max = self.w_out + u_count - 1
         self.m = m = chans * self.kh * self.sw
         self.n = chans * self.kh * self.kw
-        # edge pairs (δ, t): t < U-1 or W_out <= t < W_out+U-1, t+δ < T
-        self.edges = [(d, t) for d in range(u_count) for t in
-                      list(range(u_count - 1)) + list(range(self.w_out, self.w_out + u_count - 1))
-                      if t + d < self.t_max]
-        self.edge_columns = torch.tensor([t + d for d, t in self.edges] + [t for _, t in self.edges],
-                                         dtype=torch.long, device=device)
-        inside = (torch.arange(self.t_max, device=device) < self.w_out).view(-1, 1)
-        self.window = {dtype: inside.to(dtype) for dtype in (torch.float32, torch.float64)}
-        edge_index = {key: u_count + k for k, key in enumerate(self.edges)}
+        # accumulator terms: the flat products F_δ at δ, E(δ, t) at U + t·U + δ (low end) and at
+        # U + (U-1)·U + t·U + δ for E(δ, W_out + t); M_δ = F_δ - Σ_{t<U-1} E(δ, W_out + t)
+        high = u_count + (u_count - 1) * u_count
         # block (δ, u') of taps u = u' + δ ≥ u': M_δ + Σ_{t<u'} (E(δ, W_out + t) - E(δ, t))
-        block_id, entries = {}, []
+        #   = F_δ - Σ_{u'<=t<U-1} E(δ, W_out + t) - Σ_{t<u'} E(δ, t)
+        block_id = {}
+        selection = torch.zeros((u_count * (u_count + 1) // 2, high + (u_count - 1) * u_count), dtype=torch.float64)
         for d in range(u_count):
             for u_prime in range(u_count - d):
                 k = block_id.setdefault((d, u_prime), len(block_id))
-                entries.append((k, d, 1.0))
+                selection[k, d] = 1.0
+                for t in range(u_prime, u_count - 1):
+                    selection[k, high + t * u_count + d] = -1.0
                 for t in range(u_prime):
-                    entries += [(k, edge_index[(d, self.w_out + t)], 1.0), (k, edge_index[(d, t)], -1.0)]
-        selection = torch.sparse_coo_tensor(
-            torch.tensor([[k for k, _, _ in entries], [t for _, t, _ in entries]], dtype=torch.long, device=device),
-            torch.tensor([v for _, _, v in entries], dtype=torch.float64, device=device),
-            (len(block_id), u_count + len(self.edges)), check_invariants=False).coalesce()
-        self.selection = {dtype: selection.to(dtype) for dtype in (torch.float32, torch.float64)}
+                    selection[k, u_count + t * u_count + d] = -1.0
+        self.selection = {dtype: selection.to(device, dtype) for dtype in (torch.float32, torch.float64)}
         # Gram entry ((c, i, j), (c', i', j')): k = (c, i, j mod sw), u = j // sw; u ≥ u': block (u - u', u') at
         # (k, k'), else the transpose: block (u' - u, u) at (k', k)
         ci = torch.arange(chans * self.kh)[:, None]
