@@ -609,12 +609,14 @@ class _ShiftedGram:
     V[b, p, q + u][c, i, a] with V[b, p, t][c, i, a] = xp[b, c, sh·p + i, sw·t + a]: only this vertical unfold V
     (C·kh·sw columns, about sw·U/kw of the full unfold's kw) is materialized, one chunk at a time. For δ = u - u' ≥ 0
     the (u, u') block is Σ_{t=u'}^{u'+W_out-1} V[t+δ]ᵀV[t] = M_δ - Σ_{t<u'} E(δ,t) + Σ_{t=W_out}^{W_out+u'-1} E(δ,t),
-    with M_δ = Σ_{t<W_out} V[t+δ]ᵀV[t] (U GEMMs over all rows: U·(C·kh·sw)² instead of (C·kh·kw)² flops per row,
-    e.g. 4·42² = 7056 vs 147² = 21609 for the 7×7 stride-2 ResNet stem)
-    and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge terms; blocks with u < u' are transposes. The edge terms of one t
+    with M_δ = Σ_{t<W_out} V[t+δ]ᵀV[t] = F_δ - Σ_{t=W_out}^{W_out+U-2} E(δ,t), F_δ = Σ_r V[r+δ]ᵀV[r] over all rows r
+    of V flattened (one batched GEMM of U products: U·(C·kh·sw)² instead of (C·kh·kw)² flops per row, e.g.
+    4·42² = 7056 vs 147² = 21609 for the 7×7 stride-2 ResNet stem), and E(δ,t) = Σ_{b,p} V[t+δ]ᵀV[t] a few edge
+    terms; blocks with u < u' are transposes. The edge terms of one t
     for every δ are one GEMM over the rows (b, p) of strided views of V (no gather): V[t..t+U-1] (all δ at once) by
     V[t], batched over the U-1 values of t at each end; V has U-1 zero rows of slack at its end, so these views stay
-    in bounds, and terms with t + δ ≥ T (reading the next row's or the slack's values) are computed but unused.
+    in bounds. A term with t + δ ≥ T reads the next row's values (or the slack's zeros) just as F_δ does, so at the
+    high end it cancels F_δ's overflow exactly; at the low end such terms are computed but unused.
     The block combination (a small dense ±1 product) and the (c, i, j) gather are cached per geometry
     (`_shifted_plan`).
     """
@@ -623,7 +625,7 @@ class _ShiftedGram:
         self.plan = plan = _shifted_plan(chans, kernel_size, stride, w_in, torch.device(device))
         self.kh, self.sh, self.sw, self.chans = plan.kh, plan.sh, plan.sw, chans
         self.w_out, self.shifts, self.t_max, self.m = plan.w_out, plan.shifts, plan.t_max, plan.m
-        # accumulators in one tensor: M_δ (U, m, m), then E(δ, t) for t < U-1, then for W_out <= t < W_out+U-1
+        # accumulators in one tensor: F_δ (U, m, m), then E(δ, t) for t < U-1, then for W_out <= t < W_out+U-1
         # ((U-1)·U blocks each, (t, δ) order)
         u, m = self.shifts, self.m
         self.acc = torch.zeros((u + 2 * (u - 1) * u, m, m), dtype=dtype, device=device)
@@ -664,7 +666,7 @@ class _ShiftedGram:
 
 
 class _ShiftedPlan:
-    """Sizes, the window mask, the block combination and the (c, i, j) gather of `_ShiftedGram`."""
+    """Sizes, the block combination and the (c, i, j) gather of `_ShiftedGram`."""
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], w_in: int,
                  device: torch.device):
