@@ -353,6 +353,12 @@ def test_load_name_includes_the_revision(run_dir, hub, no_xet, tmp_path):
     assert (main.load_name, dev.load_name, pr.load_name) == (
         f'hf-hub:{repo}', f'hf-hub:{repo}@dev', f'hf-hub:{repo}@refs/pr/1')
     assert dev.revision == 'dev' and pr.revision == 'refs/pr/1' and dry.load_name == f'local-dir:{tmp_path / "dry"}'
+    # the card's snippets load what its branch holds; a pull request's card names main (what it becomes once merged)
+    cards = {rev: hub.files(repo, rev)['README.md'].decode() for rev in ('main', 'dev', 'refs/pr/1')}
+    assert f"'hf-hub:{repo}@dev'" in cards['dev'] and f"hf_hub_id='{repo}@dev'" in cards['dev']
+    assert f"'hf-hub:{repo}'" not in cards['dev']
+    for rev in ('main', 'refs/pr/1'):
+        assert f"'hf-hub:{repo}'" in cards[rev] and f'{repo}@' not in cards[rev]
 
 
 @pytest.mark.slow

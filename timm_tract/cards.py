@@ -200,6 +200,7 @@ class CardInputs:
     train_command: str
     tract_lambda_mode: str = 'absolute'
     license: str = 'apache-2.0'
+    revision: Optional[str] = None  # the branch the card is published to (its snippets load `ORG/NAME@revision`)
     label_names: Optional[List[str]] = None
     model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset_name: str = 'unknown'
@@ -366,6 +367,7 @@ def render_model_card(info: CardInputs, template_dir: Optional[Path] = None) -> 
         dataclasses.asdict(info),
         card_data=_front_matter(info),
         model_name=info.repo_id.split('/')[-1],
+        hub_id=info.repo_id + (f'@{info.revision}' if info.revision else ''),
         image_size=f'{h} x {w}',
         input_h=h,
         input_w=w,
@@ -436,7 +438,7 @@ def _supports_features(base: str, kwargs: Dict[str, Any]) -> bool:
 def card_inputs(run: RunInfo, weights: CardModel, repo_id: str, *, license: str = 'apache-2.0',
                 dataset_name: Optional[str] = None, dataset_id: Optional[str] = None, base_model: Optional[str] = None,
                 plot_file: Optional[str] = None, model_args: Optional[Mapping[str, Any]] = None,
-                model_kwargs: Optional[Mapping[str, Any]] = None) -> CardInputs:
+                model_kwargs: Optional[Mapping[str, Any]] = None, revision: Optional[str] = None) -> CardInputs:
     """What the card of a published run states (`CardInputs`), computed from the run (args, history, recorded data
     facts, compare report) and the loaded weights; reads no file. Arguments as `model_card`."""
     ds_name, ds_id = dataset_names(run.args, dataset_name, dataset_id, run.data_facts)
@@ -447,7 +449,7 @@ def card_inputs(run: RunInfo, weights: CardModel, repo_id: str, *, license: str 
         num_classes=weights.model.num_classes, img_size=tuple(weights.data_config['input_size'][1:]),
         stats=model_stats(weights.model, weights.data_config['input_size']), tract_lambda=weights.tract['lambda'],
         tract_layer=weights.layer, tract_lambda_mode=weights.tract.get('lambda_mode', 'absolute'),
-        train_command=training_command(run.args), license=license, label_names=weights.label_names,
+        train_command=training_command(run.args), license=license, revision=revision, label_names=weights.label_names,
         model_args={k: v for k, v in model_args.items() if k not in ('num_classes', 'global_pool', 'in_chans')
                     or (k == 'in_chans' and v != 3)},
         dataset_name=ds_name, dataset_id=ds_id, dataset_split=eval_split(run.args, run.data_facts),
@@ -464,14 +466,17 @@ def card_inputs(run: RunInfo, weights: CardModel, repo_id: str, *, license: str 
 def model_card(run: RunInfo, weights: CardModel, repo_id: str, *, license: str = 'apache-2.0',
                dataset_name: Optional[str] = None, dataset_id: Optional[str] = None, base_model: Optional[str] = None,
                plot_file: Optional[str] = None, model_args: Optional[Mapping[str, Any]] = None,
-               model_kwargs: Optional[Mapping[str, Any]] = None, template_dir: Optional[Path] = None) -> str:
+               model_kwargs: Optional[Mapping[str, Any]] = None, revision: Optional[str] = None,
+               template_dir: Optional[Path] = None) -> str:
     """The whole model card (README.md text) of a published run, in one call: data set, training command, results,
     the compare section, model statistics and the usage snippets, rendered from the run and the loaded weights.
 
     `model_args` are the `model_args` of the published config.json; `model_kwargs` the create_model kwargs of the
-    base architecture (used to tell whether it supports `features_only`)."""
+    base architecture (used to tell whether it supports `features_only`); `revision` the branch the card goes to
+    (its snippets then load `hf-hub:ORG/NAME@revision`)."""
     info = card_inputs(run, weights, repo_id, license=license, dataset_name=dataset_name, dataset_id=dataset_id,
-                       base_model=base_model, plot_file=plot_file, model_args=model_args, model_kwargs=model_kwargs)
+                       base_model=base_model, plot_file=plot_file, model_args=model_args, model_kwargs=model_kwargs,
+                       revision=revision)
     return render_model_card(info, template_dir)
 
 

@@ -402,8 +402,11 @@ def _inside_run(path: Path, base: Path) -> Path:
 def _write_card(run: rundir.RunInfo, w: CardModel, repo_id: str, options: PublishOptions, folder: Path) -> None:
     """README.md (the card), accuracy.png and the `.eval_results/` file, all from the same `CardInputs`."""
     model_args = json.loads((folder / 'config.json').read_text()).get('model_args', {})
+    # a card on a branch loads from it; a pull request's ref is not known yet, and after the merge it is main's
+    revision = None if options.create_pr else options.revision
     kwargs = dict(license=options.license, dataset_name=options.dataset_name, dataset_id=options.dataset_id,
-                  base_model=options.base_model, model_args=model_args, model_kwargs=_model_kwargs(run.args))
+                  base_model=options.base_model, model_args=model_args, model_kwargs=_model_kwargs(run.args),
+                  revision=revision)
     info = card_inputs(run, w, repo_id, **kwargs)
     info.plot_file = _write_run_files(run, folder, info.dataset_name)
     (folder / 'README.md').write_text(render_model_card(info))
