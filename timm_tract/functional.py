@@ -390,7 +390,7 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
     (kh, kw), (sh, sw) = geom.kernel_size, geom.stride
     h_out, w_out = (h_pad - kh) // sh + 1, (w_pad - kw) // sw + 1
     plain = geom.groups == 1 and geom.dilation == (1, 1)
-    shifted = plain and kw > sw
+    shifted = _uses_shifted_gram(geom)
     if shifted:
         units = -(-kw // sw)
         other_macs = batch * h_out * (w_out + units - 1) * units * (chans * kh * sw) ** 2
