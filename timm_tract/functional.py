@@ -291,13 +291,12 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     # constant c (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`)
     center = path != 'rows' and g == 1 and dtype == torch.float32 and n <= _FLOAT64_SOLVE_MAX_N
     offset = x.mean(dim=(0, 2, 3), dtype=torch.float32) if center else None  # (C,), c
-    image_sum = None
+    batch_sum = x.sum(0, dtype=torch.float64) if center else None  # (C, H, W), Σ_b x_b for `_restore_offset`
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
         if center:
             xb = xb - offset.view(-1, 1, 1)
-            image_sum = xb.sum(0) if image_sum is None else image_sum.add_(xb.sum(0))
         if path == 'spectral':
             accumulator.add(xb, geom.pad, pad_mode)  # pads (and crops) in one op
             continue
@@ -320,36 +319,45 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
         return out, num_rows
     gram = accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)
     if center:
-        gram = _restore_offset(gram, image_sum, offset, batch, geom, x.shape[2:])
+        gram = _restore_offset(gram, batch_sum, offset, batch, geom, x.shape[2:])
     return gram, num_rows
 
 
-def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.Tensor, batch: int,
+def _restore_offset(gram: torch.Tensor, batch_sum: torch.Tensor, offset: torch.Tensor, batch: int,
                     geom: ConvGeometry, size: Tuple[int, int]) -> torch.Tensor:
     """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
 
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
     padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
     with S = X'ᵀM̃ + M̃ᵀM̃/2, S[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows (X' + M̃/2)[row, r]·M[row, t']: one image's
-    unfold of z = Σ_b x'_b + (B/2)·c (the batch sum of x' plus half the offset, padded like the input) times Mᵀ.
+    unfold of z = Σ_b x'_b + (B/2)·c = Σ_b x_b - (B/2)·c (`batch_sum` = Σ_b x_b in float64, padded like the input)
+    times Mᵀ; S and Sᵀ are added as two multiply-adds (the second in place on the transposed result).
     Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 Gram only sees
     the centered values."""
-    mask = _offset_mask(geom, tuple(size), image_sum.device)  # (taps, L)
-    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
-    z = torch.add(image_sum.double(), offset.view(-1, 1, 1), alpha=batch / 2)
-    cols = F.unfold(F.pad(z[None], geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation,
-                    stride=geom.stride)[0]  # (n, L)
+    mask = _offset_mask(geom, tuple(size), batch_sum.device)  # (taps, L)
+    z = torch.add(batch_sum, offset.view(-1, 1, 1), alpha=-batch / 2)
+    cols = _unfold_padded(z[None], geom)[0]  # (n, L)
     n, taps = cols.shape[0], mask.shape[0]
-    s = ((cols @ mask.T).view(n, 1, taps) * offset.view(1, -1, 1)).view(n, n)
-    return gram.double().add_(s).add_(s.T)
+    q = (cols @ mask.T).view(n, 1, taps)
+    c = offset.view(1, -1, 1)
+    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S, float64
+    out.T.view(n, -1, taps).addcmul_(q, c)  # + Sᵀ
+    return out[None]
+
+
+def _unfold_padded(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """F.unfold of x (B, C, H, W) padded as `geom` pads it: (B, C·kh·kw, L); symmetric zero padding in the unfold."""
+    left, right, top, bottom = geom.pad
+    if geom.padding_mode == 'zeros' and left == right and top == bottom:
+        return F.unfold(x, geom.kernel_size, dilation=geom.dilation, padding=(top, left), stride=geom.stride)
+    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
+    return F.unfold(F.pad(x, geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
 
 
 @functools.lru_cache(maxsize=64)
 def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
     """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64."""
-    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
-    ones = F.pad(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom.pad, mode=mode)
-    return F.unfold(ones, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)[0]
+    return _unfold_padded(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom)[0]
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
@@ -861,8 +869,7 @@ def _precondition(
         out = (p - torch.matmul(y.transpose(1, 2), rows)) / lam
         system = k
     else:
-        a = stats.to(solve_dtype) / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
-        a.diagonal(dim1=1, dim2=2).add_(lam if isinstance(lam, float) else lam.view(g, 1).to(solve_dtype))
+        a = _tract_system(stats, num_rows, lam, solve_dtype)
         chol, info = _cholesky(a, x, tract_lambda)
         out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
         system = a
@@ -870,6 +877,23 @@ def _precondition(
     # passes through as for the plain layer, and only a bad system raises
     _check_solution(info, chol, system, x, tract_lambda)
     return out.reshape(grad_w.shape).to(grad_w.dtype)
+
+
+def _tract_system(stats: torch.Tensor, num_rows: Union[int, torch.Tensor], lam: Union[float, torch.Tensor],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """XᵀX/N + λI (g, n, n) in `dtype` from XᵀX (g, n, n); λ a float or (g, 1, 1). A float λ with an int N is one op
+    (a cached λI plus the scaled Gram)."""
+    if isinstance(lam, float) and not isinstance(num_rows, torch.Tensor):
+        return torch.add(_scaled_identity(stats.shape[-1], lam, dtype, stats.device), stats, alpha=1 / max(num_rows, 1))
+    a = stats.to(dtype) / (num_rows.clamp(min=1) if isinstance(num_rows, torch.Tensor) else max(num_rows, 1))
+    a.diagonal(dim1=1, dim2=2).add_(lam if isinstance(lam, float) else lam.view(-1, 1).to(dtype))
+    return a
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_identity(n: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """value·I (n, n), cached (λ is fixed per layer): adding it to XᵀX/N is one op."""
+    return torch.eye(n, dtype=dtype, device=device).mul_(value)
 
 
 def tract_precondition(
