@@ -31,6 +31,7 @@ import itertools
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -285,18 +286,19 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
         out = x.new_zeros((g, n, n), dtype=dtype)
     # chunk = whole images while they fit the budget, else bands of output rows of one image
     per_image = row_elements * h_out
-    images_per_chunk = max(1, int(budget // per_image))
+    images_per_chunk = max(_SPECTRAL_MIN_IMAGES if path == 'spectral' else 1, int(budget // per_image))
     rows_per_band = h_out if per_image <= budget or path == 'spectral' else max(1, int(budget // row_elements))
     # float32 Grams of one group up to n = _FLOAT64_SOLVE_MAX_N: accumulated from the input minus a per-channel
     # constant c (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`)
     center = path != 'rows' and g == 1 and dtype == torch.float32 and n <= _FLOAT64_SOLVE_MAX_N
     offset = x.mean(dim=(0, 2, 3), dtype=torch.float32) if center else None  # (C,), c
-    batch_sum = x.sum(0, dtype=torch.float64) if center else None  # (C, H, W), Σ_b x_b for `_restore_offset`
+    image_sum = None
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
         if center:
             xb = xb - offset.view(-1, 1, 1)
+            image_sum = xb.sum(0) if image_sum is None else image_sum.add_(xb.sum(0))
         if path == 'spectral':
             accumulator.add(xb, geom.pad, pad_mode)  # pads (and crops) in one op
             continue
@@ -319,28 +321,28 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
         return out, num_rows
     gram = accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)
     if center:
-        gram = _restore_offset(gram, batch_sum, offset, batch, geom, x.shape[2:])
+        gram = _restore_offset(gram, image_sum, offset, batch, geom, x.shape[2:])
     return gram, num_rows
 
 
-def _restore_offset(gram: torch.Tensor, batch_sum: torch.Tensor, offset: torch.Tensor, batch: int,
+def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.Tensor, batch: int,
                     geom: ConvGeometry, size: Tuple[int, int]) -> torch.Tensor:
     """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
 
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
     padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
-    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[r, (c', t')] = c_c'·Q[r, t'], Q = Σ_rows (X' + M̃/2)[row, r]·M[row, t']: one image's
-    unfold of z = Σ_b x'_b + (B/2)·c = Σ_b x_b - (B/2)·c (`batch_sum` = Σ_b x_b in float64, padded like the input)
-    times Mᵀ; S and Sᵀ are added as two multiply-adds (the second in place on the transposed result).
-    Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 Gram only sees
-    the centered values."""
-    mask = _offset_mask(geom, tuple(size), batch_sum.device)  # (taps, L)
-    z = torch.add(batch_sum, offset.view(-1, 1, 1), alpha=-batch / 2)
-    cols = _unfold_padded(z[None], geom)[0]  # (n, L)
-    n, taps = cols.shape[0], mask.shape[0]
-    q = (cols @ mask.T).view(n, 1, taps)
-    c = offset.view(1, -1, 1)
-    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S, float64
+    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t'], Q = U + (B/2)·c_c·MMᵀ[t, t'],
+    U = unfold(Σ_b x'_b)·Mᵀ (one image's unfold of `image_sum`, float32: the centered values are small) and MMᵀ
+    cached per geometry; Q in float64, S and Sᵀ added as two multiply-adds (the second in place on the transposed
+    result). Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 parts
+    only see the centered values."""
+    mask, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)  # M (taps, L), MMᵀ (taps, taps)
+    taps = mask.shape[0]
+    u = _unfold_padded(image_sum[None], geom)[0] @ mask.T  # (n, taps)
+    q = torch.addcmul(u.view(-1, taps, taps), offset.view(-1, 1, 1), mask_gram, value=batch / 2)  # float64
+    n = u.shape[0]
+    q, c = q.view(n, 1, taps), offset.view(1, -1, 1)
+    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S
     out.T.view(n, -1, taps).addcmul_(q, c)  # + Sᵀ
     return out[None]
 
@@ -355,9 +357,10 @@ def _unfold_padded(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float64."""
-    return _unfold_padded(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom)[0]
+def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image), float32, and MMᵀ (kh·kw, kh·kw) float64."""
+    mask = _unfold_padded(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom)[0]
+    return mask.float(), mask @ mask.T
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
@@ -366,13 +369,16 @@ def _uses_shifted_gram(geom: ConvGeometry) -> bool:
     return geom.groups == 1 and geom.dilation == (1, 1) and geom.kernel_size[1] > geom.stride[1]
 
 
-# The spectral path's fixed accumulators (they do not grow with the batch) may take this many chunk budgets.
-_SPECTRAL_ACCUMULATOR_BUDGETS = 4
-# Spectral cost model (multiply-adds; fitted to 1-thread CPU timings of the 7×7/2 stem at 32-224 px, B=1-128): its
-# small batched products run at about half the GEMM rate of the shifted path, plus a fixed cost per backward
-# (inverse FFTs, the sparse term combination, ~40 ops).
-_SPECTRAL_RATE_FACTOR = 2.0
-_SPECTRAL_FIXED_MACS = 4e7
+# The spectral path's fixed accumulators (they do not grow with the batch) may take this many chunk budgets, and so may
+# its smallest chunk, `_SPECTRAL_MIN_IMAGES` images (on CPU torch multiplies the complex (k × b)(b × k) matrices of a
+# smaller chunk with an unblocked loop, 5-10x slower per image).
+_SPECTRAL_BUDGETS = 4
+_SPECTRAL_MIN_IMAGES = 4
+# Spectral cost model (multiply-adds): its counted products cost about this many multiply-adds of the shifted path's
+# GEMMs (they come with FFTs and gathers), plus a fixed cost per backward (inverse FFTs, the term combination); fitted to
+# 1-thread CPU timings at B=32 of the 7×7/2 stem at 32-224 px and of 3×3/1, 3×3/2, 5×5/1, 7×7/4 and 9×9/2 convs.
+_SPECTRAL_RATE_FACTOR = 4.4
+_SPECTRAL_FIXED_MACS = 2e6
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
 # at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
 _SPECTRAL_MAX_TAP_GROUPS = 25
@@ -383,8 +389,8 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
     """How XᵀX of a conv input x (B, C, H, W) is accumulated; the rule (the same on every device):
 
     - 'spectral' (`_SpectralGram`): patches overlap along at least one dimension (kernel > stride), no dilation, one
-      group, at most `_SPECTRAL_MAX_TAP_GROUPS` tap groups, its accumulators fit `_SPECTRAL_ACCUMULATOR_BUDGETS`
-      chunk budgets, and its cost model
+      group, at most `_SPECTRAL_MAX_TAP_GROUPS` tap groups, its accumulators and a chunk of `_SPECTRAL_MIN_IMAGES`
+      images each fit `_SPECTRAL_BUDGETS` chunk budgets, and its cost model
       (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
       the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
       unfold): the ResNet 7×7/2 stem from about 64 px up (to about 400 px with the 8 MiB CPU budget).
@@ -407,7 +413,7 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
     if plain and (kh > sh or kw > sw) and -(-kh // sh) * -(-kw // sw) <= _SPECTRAL_MAX_TAP_GROUPS:
         plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h_pad, w_pad, torch.device('meta'))
         spectral_macs = batch * plan.product_macs
-        if (plan.accumulator_elements <= _SPECTRAL_ACCUMULATOR_BUDGETS * budget
+        if (max(plan.accumulator_elements, _SPECTRAL_MIN_IMAGES * plan.image_elements) <= _SPECTRAL_BUDGETS * budget
                 and _SPECTRAL_RATE_FACTOR * spectral_macs + _SPECTRAL_FIXED_MACS < other_macs):
             return 'spectral'
     return 'shifted' if shifted else 'unfold'
@@ -437,7 +443,9 @@ class _SpectralPlan:
     T = C(du, dv) - Σ_{y ∉ Yw} R_y(du, dv) - Σ_{x ∉ Xw} Q_x(du, dv) + Σ_{y ∉ Yw, x ∉ Xw} K_yx(du, dv):
     C the full 2-D cross-correlation of the phase images (one FFT per image, lengths lh ≥ hp + U_h - 1 and
     lw ≥ wp + U_w - 1 so no lag aliases), R and Q 1-D correlations along one border row / column (at most
-    U - 1 on each side), K single border points. `selection` (sparse, ±1) maps the terms to the blocks.
+    U - 1 on each side; the columns' FFT length lc = lw where lw ≥ lh, so every term is a row of lw lags), K single
+    border points (their count padded to a multiple of lw with unused repeats). Terms, in `selection`'s column order:
+    C (lh·lw lags), R (·lw), K, Q (·lc); `selection` (sparse CSR, ±1) maps them to the blocks.
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
@@ -449,37 +457,45 @@ class _SpectralPlan:
         self.hp, self.wp = self.ho + self.uh - 1, self.wo + self.uw - 1
         self.m = m = chans * sh * sw
         self.lh, self.lw = _fft_size(self.hp + self.uh - 1), _fft_size(self.wp + self.uw - 1)
-        self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
+        self.lc = max(self.lh, self.lw)
+        self.fw, self.fc = self.lw // 2 + 1, self.lc // 2 + 1
         rows, cols, corners, entries = self._terms()
-        self.num_rows_terms, self.num_cols_terms, self.num_corners = len(rows), len(cols), len(corners)
+        col_lines = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})  # the border columns' lines
+        self.num_rows_terms, self.num_cols_terms = len(rows), len(cols)
+        self.num_corners = -(-len(corners) // self.lw) * self.lw
         # accumulated products: the main and border cross-power spectra (m × m complex each), the corner points (m²)
-        self.accumulator_elements = (self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fh) * 2 * m * m \
-            + len(corners) * m * m
-        # real multiply-adds of one image's products (spectra: (m × 2b)(2b × 2m) per frequency; corner points)
-        self.product_macs = (self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fh) * 8 * m * m \
-            + len(corners) * m * m
-        # elements one image materializes: phase images (FFT-sized), their spectra, the operands of the products
-        self.image_elements = m * (self.lh * self.lw + 2 * self.lh * self.fw + 12 * self.lh * self.fw)
+        spectra = self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fc
+        self.accumulator_elements = spectra * 2 * m * m + self.num_corners * m * m
+        # real multiply-adds of one image's products (4 per complex multiply-add; corner points)
+        self.product_macs = spectra * 4 * m * m + self.num_corners * m * m
+        # elements one image materializes: the padded input, its spectra (x, then y: complex), the main spectrum's
+        # copy for the products, the border lines and their spectra
+        self.image_elements = m * (self.lh * self.lw + 6 * self.lh * self.fw + 4 * len(rows) * self.fw
+                                   + len(col_lines) * (self.lh + 2 * self.fc) + 4 * len(cols) * self.fc
+                                   + 2 * self.num_corners)
         if device.type == 'meta':  # `_gram_path` only needs the sizes
             return
 
         def index(values):
             return torch.tensor(values, dtype=torch.long, device=device)
-        cols_needed = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})
-        where = {x: i for i, x in enumerate(cols_needed)}
+        pad = corners[:1] * (self.num_corners - len(corners))
         # gathers: left operands (y + du, ...) first, then the right ones (y, ...)
         self.row_lines = index([y + du for y, du in rows] + [y for y, _ in rows])
-        self.col_lines = index(cols_needed)
-        self.col_pairs = index([where[x + dv] for x, dv in cols] + [where[x] for x, _ in cols])
-        self.corner_points = index([(y + du) * self.lw + x + dv for y, du, x, dv in corners]
-                                   + [y * self.lw + x for y, _, x, _ in corners])
+        line = {x: i for i, x in enumerate(col_lines)}
+        self.col_lines = index(col_lines)
+        self.col_pairs = index([line[x + dv] for x, dv in cols] + [line[x] for x, _ in cols])
+        # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat (line, y) indices into the lines
+        self.corner_points = index([line[x + dv] * self.lh + y + du for y, du, x, dv in corners + pad]
+                                   + [line[x] * self.lh + y for y, _, x, _ in corners + pad])
         pairs = (self.uh * self.uw) ** 2
-        num_terms = self.lh * self.lw + len(rows) * self.lw + self.lh * len(cols) + len(corners)
+        num_terms = self.lh * self.lw + len(rows) * self.lw + self.num_corners + len(cols) * self.lc
         selection = torch.sparse_coo_tensor(
             index([[p for p, _, _ in entries], [t for _, t, _ in entries]]),
             torch.tensor([v for _, _, v in entries], dtype=torch.float64, device=device), (pairs, num_terms),
             check_invariants=False).coalesce()
-        self.selection = {dtype: selection.to(dtype) for dtype in (torch.float32, torch.float64)}
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": used here for one product only
+            warnings.simplefilter('ignore', UserWarning)
+            self.selection = {dtype: selection.to(dtype).to_sparse_csr() for dtype in (torch.float32, torch.float64)}
         # Gram entry ((c, i, j), (c', i', j')) = block of taps ((u, v), (u', v')) at (k, k')
         c, i, j = torch.arange(chans)[:, None, None], torch.arange(kh)[None, :, None], torch.arange(kw)[None, None, :]
         k = ((c * sh + i % sh) * sw + j % sw).reshape(-1)
@@ -490,8 +506,9 @@ class _SpectralPlan:
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
         entries (tap pair, term index, ±1); term indices: C lags (du mod lh, dv mod lw), then R_y (dv mod lw),
-        then Q_x (du mod lh), then the corners."""
-        uh, uw, ho, wo, hp, wp, lh, lw = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp, self.lh, self.lw
+        then the corners, then Q_x (du mod lc)."""
+        uh, uw, ho, wo, hp, wp, lh, lw, lc = (self.uh, self.uw, self.ho, self.wo, self.hp, self.wp, self.lh, self.lw,
+                                              self.lc)
         rows, cols, corners, raw = {}, {}, {}, []
         for pair, (u, v, u2, v2) in enumerate(itertools.product(range(uh), range(uw), range(uh), range(uw))):
             du, dv = u - u2, v - v2
@@ -501,22 +518,13 @@ class _SpectralPlan:
             for y in ys:
                 raw.append((pair, 'row', rows.setdefault((y, du), len(rows)) * lw + dv % lw, -1.0))
             for x in xs:
-                raw.append((pair, 'col', cols.setdefault((x, dv), len(cols)) * lh + du % lh, -1.0))
+                raw.append((pair, 'col', cols.setdefault((x, dv), len(cols)) * lc + du % lc, -1.0))
             for y, x in itertools.product(ys, xs):
                 raw.append((pair, 'corner', corners.setdefault((y, du, x, dv), len(corners)), 1.0))
-        row_base = lh * lw
-        col_base = row_base + len(rows) * lw
-        corner_base = col_base + lh * len(cols)
-        entries = []
-        for pair, kind, key, sign in raw:
-            if kind == 'main':
-                entries.append((pair, key, sign))
-            elif kind == 'row':
-                entries.append((pair, row_base + key, sign))
-            elif kind == 'col':
-                entries.append((pair, col_base + key, sign))
-            else:
-                entries.append((pair, corner_base + key, sign))
+        base = {'main': 0, 'row': lh * lw}
+        base['corner'] = base['row'] + len(rows) * lw
+        base['col'] = base['corner'] + -(-len(corners) // lw) * lw
+        entries = [(pair, base[kind] + key, sign) for pair, kind, key, sign in raw]
         return list(rows), list(cols), list(corners), entries
 
 
@@ -530,22 +538,26 @@ class _SpectralGram:
     """Exact XᵀX (n, n) of the patches of inputs (b, C, H, W) (one group, no dilation) from the cross-correlations of
     the stride-phase images (see `_SpectralPlan`), accumulated whole images at a time.
 
-    Per chunk: the phase images (positions first, batch last), their 2-D spectrum (one rfft + one fft) and 1-D spectra
-    of the border rows / columns, and one real batched product per frequency of the stacked real/imaginary parts
-    ([Ar; Ai][Br; Bi]ᵀ, summed over the batch); the border points in one more batched product. `gram` turns the
-    accumulated cross-power spectra into correlations (inverse FFTs), combines the terms of every tap pair with one
-    sparse product and gathers the (c, i, j) order.
+    Per chunk: the padded input viewed as its phase images (b, C, lh, sh, lw, sw), its 2-D spectrum (an rfft along x,
+    an fft along y) copied once to (frequency, k, b), the border rows' 1-D spectra gathered from the x-spectrum, the
+    border columns gathered (positions first) and transformed along y, and one complex batched product Σ_b A Bᴴ per
+    term kind (the conjugate transpose is BLAS's, not a copy); the border points, gathered from the column lines, in
+    one real batched product. `gram` turns the
+    accumulated cross-power spectra into correlations (inverse FFTs), concatenates every term as rows of lw lags,
+    combines the terms of every tap pair with one sparse product and gathers the (c, i, j) order.
     """
 
     def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
         self.plan, self.dtype = plan, dtype
-        self.spectra: Optional[torch.Tensor] = None  # (fw·lh + R·fw + Q·fh, m, 2m): Σ A Bᴴ as (re, im) pairs
+        self.main: Optional[torch.Tensor] = None  # (lh·fw, m, m) complex: Σ A Aᴴ of the 2-D spectra
+        self.rows: Optional[torch.Tensor] = None  # (R·fw, m, m) complex
+        self.cols: Optional[torch.Tensor] = None  # (Q·fc, m, m) complex
         self.corners: Optional[torch.Tensor] = None  # (K, m, m)
 
     def add(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str) -> None:
         """Accumulate the patches of x (b, C, H, W), `pad` (F.pad order) not yet applied."""
         pl = self.plan
-        b = x.shape[0]
+        b, m = x.shape[0], pl.m
         # phase images: the padded input cropped to sh·hp × sw·wp (beyond, the correlations assume zeros), then
         # zero-padded to the FFT lengths (this also holds the phantom taps)
         left, _, top, _ = pad
@@ -555,49 +567,41 @@ class _SpectralGram:
         else:
             xp = F.pad(x, pad, mode=pad_mode)[:, :, :pl.sh * pl.hp, :pl.sw * pl.wp]
             xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
-        phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw).permute(2, 4, 1, 3, 5, 0).contiguous()
-        p = phases.view(pl.lh, pl.lw, pl.m, b)  # (y, x, k, b): positions first, the batch last
-        fx = torch.fft.rfft(p, dim=1)  # (lh, fw, m, b)
-        main = torch.fft.fft(fx, dim=0).transpose(0, 1).flatten(0, 1)  # (fw·lh, m, b): a view of fft's layout
-        left, right = [main], [main]
+        phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw)  # P_(c, a, a')[y, x] at [:, c, y, a, x, a']
+        fx = torch.fft.rfft(phases, dim=4).permute(2, 4, 1, 3, 5, 0)  # (lh, fw, C, sh, sw, b)
+        main = torch.fft.fft(fx, dim=0).contiguous().view(-1, m, b)  # (lh·fw, m, b), one copy
+        self.main = _add_product(self.main, main, main.conj())
         if pl.num_rows_terms:  # left and right lines in one gather
-            lines = fx.index_select(0, pl.row_lines)
-            left.append(lines[:pl.num_rows_terms].flatten(0, 1))
-            right.append(lines[pl.num_rows_terms:].flatten(0, 1))
-        if pl.num_cols_terms:
-            fy = torch.fft.rfft(p.index_select(1, pl.col_lines), dim=0).transpose(0, 1)  # (lines, fh, m, b)
-            lines = fy.index_select(0, pl.col_pairs)
-            left.append(lines[:pl.num_cols_terms].flatten(0, 1))
-            right.append(lines[pl.num_cols_terms:].flatten(0, 1))
-        left, right = torch.cat(left), torch.cat(right)
-        # Σ_b A Bᴴ with real products: row k = (Re A_k, Im A_k) over (b, re/im), column (k', 0) = (Re B_k', Im B_k')
-        # gives Re, column (k', 1) = the parts of i·B_k' gives Im; the result (F, m, m, 2) is the complex Σ A Bᴴ
-        right = torch.stack([right, right * 1j], dim=2)  # (F, m, 2, b): B and i·B
-        self.spectra = _add_product(self.spectra, torch.view_as_real(left).flatten(-2),
-                                    torch.view_as_real(right).flatten(-2).flatten(1, 2))
-        if pl.num_corners:
-            points = p.view(-1, pl.m, b).index_select(0, pl.corner_points)
-            self.corners = _add_product(self.corners, points[:pl.num_corners], points[pl.num_corners:])
+            lines = fx.index_select(0, pl.row_lines).view(2, -1, m, b)  # (2, R·fw, m, b)
+            self.rows = _add_product(self.rows, lines[0], lines[1].conj())
+        if pl.num_cols_terms:  # the border columns' lines (positions first), their spectra, the pairs of them
+            lines = phases.permute(4, 2, 1, 3, 5, 0).index_select(0, pl.col_lines)  # (lines, lh, C, sh, sw, b)
+            spectra = torch.fft.rfft(lines, n=pl.lc, dim=1).index_select(0, pl.col_pairs).view(2, -1, m, b)
+            self.cols = _add_product(self.cols, spectra[0], spectra[1].conj())  # (2, Q·fc, m, b) operands
+        if pl.num_corners:  # the border points lie on the border columns' lines
+            points = lines.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
+            self.corners = _add_product(self.corners, points[0], points[1])
 
     def gram(self) -> torch.Tensor:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
         pl = self.plan
         m = pl.m
-        cross = torch.view_as_complex(self.spectra.view(-1, m, m, 2))  # Σ_b A Bᴴ, (F, m, m)
-        main_end = pl.lh * pl.fw
-        rows_end = main_end + pl.num_rows_terms * pl.fw
-        # inverse FFTs with (k, k') leading, so every result is a (m·m, lags) view: (m, m, lh, lw), (m, m, R, lw), ...
-        main = cross[:main_end].view(pl.fw, pl.lh, m, m).permute(2, 3, 1, 0)
-        terms = [torch.fft.irfft2(main, s=(pl.lh, pl.lw)).view(m * m, -1)]
+        # inverse FFTs with (k, k') leading, every term a row of lw lags: (m, m, lh, lw), (m, m, R, lw), ...
+        terms = [torch.fft.irfft2(self.main.view(pl.lh, pl.fw, m, m).permute(2, 3, 0, 1), s=(pl.lh, pl.lw))]
         if pl.num_rows_terms:
-            rows = cross[main_end:rows_end].view(-1, pl.fw, m, m).permute(2, 3, 0, 1)
-            terms.append(torch.fft.irfft(rows, n=pl.lw).reshape(m * m, -1))
-        if pl.num_cols_terms:
-            cols = cross[rows_end:].view(-1, pl.fh, m, m).permute(2, 3, 0, 1)
-            terms.append(torch.fft.irfft(cols, n=pl.lh).reshape(m * m, -1))
+            terms.append(torch.fft.irfft(self.rows.view(-1, pl.fw, m, m).permute(2, 3, 0, 1), n=pl.lw))
         if pl.num_corners:
-            terms.append(self.corners.permute(1, 2, 0).flatten(0, 1))
-        blocks = torch.sparse.mm(pl.selection[self.dtype], torch.cat(terms, dim=1).t())  # (tap pairs, m·m)
+            terms.append(self.corners.permute(1, 2, 0).view(m, m, -1, pl.lw))
+        cols = None
+        if pl.num_cols_terms:
+            cols = torch.fft.irfft(self.cols.view(-1, pl.fc, m, m).permute(2, 3, 0, 1), n=pl.lc)  # (m, m, Q, lc)
+            if pl.lc == pl.lw:
+                terms.append(cols)
+                cols = None
+        terms = torch.cat(terms, dim=2).view(m * m, -1)
+        if cols is not None:  # images taller than wide: the column terms are rows of lc > lw lags
+            terms = torch.cat([terms, cols.reshape(m * m, -1)], dim=1)
+        blocks = pl.selection[self.dtype] @ terms.t()  # (tap pairs, m·m)
         n = math.isqrt(pl.order.numel())
         return blocks.view(-1).index_select(0, pl.order).view(n, n)
 
