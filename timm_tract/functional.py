@@ -393,9 +393,10 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
       images each fit `_SPECTRAL_BUDGETS` chunk budgets, and its cost model
       (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
       the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
-      unfold): the ResNet 7×7/2 stem from about 64 px up (to about 400 px with the 8 MiB CPU budget).
+      unfold): the ResNet 7×7/2 stem from about 40 px up (to about 370 px with the 8 MiB CPU budget), 3×3/1 and
+      5×5/1 convs.
     - 'shifted' (`_ShiftedGram`): overlap along the width, no dilation, one group, where 'spectral' is not chosen
-      (small images: the 7×7/2 stem at 32 px; 3×3 stems, whose overlap is small).
+      (small images: the 7×7/2 stem at 32 px; 3×3/2 stems, whose overlap is small).
     - 'unfold': everything else (non-overlapping patch embeds, dilated or grouped convs): unfold + GEMM.
     """
     if device.type == 'meta':  # shapes only: the plain path (no cached plans on the meta device)
