@@ -375,8 +375,9 @@ def _uses_shifted_gram(geom: ConvGeometry) -> bool:
 _SPECTRAL_BUDGETS = 4
 _SPECTRAL_MIN_IMAGES = 4
 # Spectral cost model (multiply-adds): its counted products cost about this many multiply-adds of the shifted path's
-# GEMMs (they come with FFTs and gathers), plus a fixed cost per backward (inverse FFTs, the term combination); fitted to
-# 1-thread CPU timings at B=32 of the 7×7/2 stem at 32-224 px and of 3×3/1, 3×3/2, 5×5/1, 7×7/4 and 9×9/2 convs.
+# GEMMs (they come with FFTs and gathers), plus a fixed cost per backward (inverse FFTs, the term combination);
+# fitted to 1-thread CPU timings at B=32 of the 7×7/2 stem at 32-224 px and of 3×3/1, 3×3/2, 5×5/1, 7×7/4 and 9×9/2
+# convs.
 _SPECTRAL_RATE_FACTOR = 4.4
 _SPECTRAL_FIXED_MACS = 2e6
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
@@ -469,9 +470,9 @@ class _SpectralPlan:
         self.accumulator_elements = spectra * 2 * m * m + self.num_corners * m * m
         # real multiply-adds of one image's products (4 per complex multiply-add; corner points)
         self.product_macs = spectra * 4 * m * m + self.num_corners * m * m
-        # elements one image materializes: the padded input, its spectra (x, then y: complex), the main spectrum's
-        # copy for the products, the border lines and their spectra
-        self.image_elements = m * (self.lh * self.lw + 6 * self.lh * self.fw + 4 * len(rows) * self.fw
+        # elements one image materializes: the padded input, its spectra (x, then y: complex), the border lines and
+        # their spectra
+        self.image_elements = m * (self.lh * self.lw + 4 * self.lh * self.fw + 4 * len(rows) * self.fw
                                    + len(col_lines) * (self.lh + 2 * self.fc) + 4 * len(cols) * self.fc
                                    + 2 * self.num_corners)
         if device.type == 'meta':  # `_gram_path` only needs the sizes
@@ -539,13 +540,13 @@ class _SpectralGram:
     """Exact XᵀX (n, n) of the patches of inputs (b, C, H, W) (one group, no dilation) from the cross-correlations of
     the stride-phase images (see `_SpectralPlan`), accumulated whole images at a time.
 
-    Per chunk: the padded input viewed as its phase images (b, C, lh, sh, lw, sw), its 2-D spectrum (an rfft along x,
-    an fft along y) copied once to (frequency, k, b), the border rows' 1-D spectra gathered from the x-spectrum, the
-    border columns gathered (positions first) and transformed along y, and one complex batched product Σ_b A Bᴴ per
-    term kind (the conjugate transpose is BLAS's, not a copy); the border points, gathered from the column lines, in
-    one real batched product. `gram` turns the
-    accumulated cross-power spectra into correlations (inverse FFTs), concatenates every term as rows of lw lags,
-    combines the terms of every tap pair with one sparse product and gathers the (c, i, j) order.
+    Per chunk: the padded input viewed as its phase images (b, C, lh, sh, lw, sw); its x-spectrum and 2-D spectrum
+    (an rfft along x, an fft along y), each written frequency first, (frequency, k, b); the border rows' 1-D spectra
+    gathered from the x-spectrum; the border columns gathered (positions first) and transformed along y; one complex
+    batched product Σ_b A Bᴴ per term kind (the conjugate transpose is BLAS's, not a copy); the border points,
+    gathered from the column lines, in one real batched product. `gram` turns the accumulated cross-power spectra
+    into correlations (inverse FFTs), concatenates every term as rows of lw lags, combines the terms of every tap pair
+    with one sparse product and gathers the (c, i, j) order.
     """
 
     def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
@@ -569,16 +570,27 @@ class _SpectralGram:
             xp = F.pad(x, pad, mode=pad_mode)[:, :, :pl.sh * pl.hp, :pl.sw * pl.wp]
             xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
         phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw)  # P_(c, a, a')[y, x] at [:, c, y, a, x, a']
-        fx = torch.fft.rfft(phases, dim=4).permute(2, 4, 1, 3, 5, 0)  # (lh, fw, C, sh, sw, b)
-        main = torch.fft.fft(fx, dim=0).contiguous().view(-1, m, b)  # (lh·fw, m, b), one copy
+        # the spectra are written (FFT `out=`) frequency first, the batch last: x-spectrum, 2-D spectrum, border
+        # columns' spectra in one buffer
+        grid, col_lines = (pl.chans, pl.sh, pl.sw, b), pl.col_lines.numel()
+        size = pl.lh * pl.fw * m * b
+        buf = x.new_empty(2 * size + col_lines * pl.fc * m * b,
+                          dtype=torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+        fx = buf[:size].view(pl.lh, pl.fw, *grid)
+        torch.fft.rfft(phases, dim=4, out=fx.permute(5, 2, 0, 3, 1, 4))
+        main = buf[size:2 * size].view(pl.lh, pl.fw, *grid)
+        torch.fft.fft(fx, dim=0, out=main)
+        main = main.view(-1, m, b)  # (lh·fw, m, b)
         self.main = _add_product(self.main, main, main.conj())
         if pl.num_rows_terms:  # left and right lines in one gather
             lines = fx.index_select(0, pl.row_lines).view(2, -1, m, b)  # (2, R·fw, m, b)
             self.rows = _add_product(self.rows, lines[0], lines[1].conj())
         if pl.num_cols_terms:  # the border columns' lines (positions first), their spectra, the pairs of them
             lines = phases.permute(4, 2, 1, 3, 5, 0).index_select(0, pl.col_lines)  # (lines, lh, C, sh, sw, b)
-            spectra = torch.fft.rfft(lines, n=pl.lc, dim=1).index_select(0, pl.col_pairs).view(2, -1, m, b)
-            self.cols = _add_product(self.cols, spectra[0], spectra[1].conj())  # (2, Q·fc, m, b) operands
+            spectra = buf[2 * size:].view(col_lines, pl.fc, *grid)
+            torch.fft.rfft(lines, n=pl.lc, dim=1, out=spectra)
+            spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, m, b)  # (2, Q·fc, m, b)
+            self.cols = _add_product(self.cols, spectra[0], spectra[1].conj())
         if pl.num_corners:  # the border points lie on the border columns' lines
             points = lines.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
             self.corners = _add_product(self.corners, points[0], points[1])
