@@ -142,7 +142,7 @@ def test_conv_gram_over_several_chunks_and_bands(budget, path, elements):
     if TF._uses_shifted_gram(geom):
         shifted = TF._ShiftedGram(size[1], geom.kernel_size, geom.stride, size[3] + geom.pad[0] + geom.pad[1],
                                   torch.float64, 'cpu')
-        one_row = shifted.m * shifted.t_max  # one output row of V
+        one_row = shifted.row_elements  # one output row of Vᶜ and its edge rows
         slack = shifted.m * (shifted.shifts - 1)  # V's zero rows after the chunk (taken from the budget)
         # accumulators and the final assembly: fixed sizes, whatever the batch and the budget
         fixed = max(n * n, shifted.acc.numel())  # the Gram, the accumulator
@@ -152,7 +152,8 @@ def test_conv_gram_over_several_chunks_and_bands(budget, path, elements):
         one_row, fixed, slack = n * w_out, n * n, 0
         gemms_per_chunk = len(TF._gram_strips(n)) - 1
         gemm = 'baddbmm_'
-    assert max(seen.sizes) <= max(elements, one_row + slack, padded_image, fixed)
+    one_image = n * h_out * w_out  # the Gram restore (`_restore_offset`) unfolds one image, whatever the batch
+    assert max(seen.sizes) <= max(elements, one_row + slack, padded_image, fixed, one_image)
     elements = max(1, elements - slack)
     per_image = one_row * h_out
     if elements >= per_image * size[0]:
@@ -191,12 +192,12 @@ def _bench_module():
     return module
 
 
-# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): 38 (spectral) and
-# 31 (shifted) for the stem, of which centering the input takes 3 and restoring the Gram (`_restore_offset`) 5 (the
+# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): 39 (spectral) and
+# 30 (shifted) for the stem, of which centering the input takes 3 and restoring the Gram (`_restore_offset`) 5 (the
 # issue's target was <= 40; 90 before)
 _OP_COUNTS = [
-    ('resnet_stem_7x7s2', 64, 'spectral', 38),
-    ('resnet_stem_7x7s2', 32, 'shifted', 31),
+    ('resnet_stem_7x7s2', 64, 'spectral', 39),
+    ('resnet_stem_7x7s2', 32, 'shifted', 30),
     ('patch_embed_16x16', 160, 'unfold', 21),  # N = 8·10·10 >= n = 768: the Gram branch
 ]
 
