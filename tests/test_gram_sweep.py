@@ -105,12 +105,13 @@ def test_every_gram_path_matches_the_float64_oracle_large_sample(monkeypatch):
     assert _check_paths(monkeypatch, _geometries(400, seed=1)) == {'unfold', 'shifted', 'spectral'}
 
 
-def test_the_rule_takes_the_spectral_path_for_the_resnet_stem_at_64_px_and_up():
+def test_the_rule_takes_the_spectral_path_for_the_resnet_stem_from_32_px():
     geom = TF.conv_geometry((64, 3, 7, 7), 2, 3)
     budget = TF._chunk_elements(torch.device('cpu'), torch.float32)
     paths = {size: TF._gram_path(geom, (8, 3, size, size), size + 6, size + 6, torch.device('cpu'), budget)
-             for size in (32, 64, 224, 1024)}
-    assert paths == {32: 'shifted', 64: 'spectral', 224: 'spectral', 1024: 'shifted'}  # 1024: accumulator too big
+             for size in (24, 32, 64, 224, 1024)}
+    # 1024: accumulator too big
+    assert paths == {24: 'shifted', 32: 'spectral', 64: 'spectral', 224: 'spectral', 1024: 'shifted'}
     patch_embed = TF.conv_geometry((64, 3, 16, 16), 16, 0)
     assert TF._gram_path(patch_embed, (8, 3, 224, 224), 224, 224, torch.device('cpu'), budget) == 'unfold'
 

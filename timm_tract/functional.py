@@ -381,7 +381,7 @@ _SPECTRAL_MIN_IMAGES = 4
 # GEMMs (they come with FFTs and gathers), plus a fixed cost per backward (inverse FFTs, the term combination);
 # fitted to 1-thread CPU timings at B=32 of the 7×7/2 stem at 32-224 px and of 3×3/1, 3×3/2, 5×5/1, 7×7/4 and 9×9/2
 # convs.
-_SPECTRAL_RATE_FACTOR = 4.4
+_SPECTRAL_RATE_FACTOR = 4.0
 _SPECTRAL_FIXED_MACS = 2e6
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
 # at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
