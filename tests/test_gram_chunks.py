@@ -192,9 +192,9 @@ def _bench_module():
     return module
 
 
-# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): 39 (spectral) and
-# 30 (shifted, 24 px) for the stem, of which centering the input takes 3 and restoring the Gram (`_restore_offset`) 5 (the
-# issue's target was <= 40; 90 before)
+# (layer, image size, the Gram path it takes, non-view ops of one backward measured with one chunk): 39 (spectral)
+# and 30 (shifted, 24 px) for the stem, of which centering the input takes 3 and restoring the Gram
+# (`_restore_offset`) 5 (the target was <= 40; 90 before)
 _OP_COUNTS = [
     ('resnet_stem_7x7s2', 64, 'spectral', 39),
     ('resnet_stem_7x7s2', 24, 'shifted', 30),

@@ -508,26 +508,10 @@ class _SpectralPlan:
         tap = ((i // sh) * self.uw + j // sw).expand(chans, kh, kw).reshape(-1)
         taps = self.uh * self.uw
         self.order = ((tap[:, None] * taps + tap[None, :]) * m * m + k[:, None] * m + k[None, :]).reshape(-1).to(device)
-        # inverse DFTs at the used lags (complex; the real part is the correlation): along x from the rfft's half
-        # spectrum (weight 2 for the bins whose conjugates it leaves out), along y and along the columns (length lc)
-        # from full spectra; 1/length each
-        half = torch.full((self.fw,), 2.0, dtype=torch.float64)
-        half[0] = 1.0
-        if self.lw % 2 == 0:
-            half[-1] = 1.0
-
-        def inverse(lags: int, length: int, bins: int, weight) -> Dict[torch.dtype, torch.Tensor]:
-            lag = torch.arange(-(lags - 1), lags, dtype=torch.float64)[:, None]
-            phase = torch.exp(2j * math.pi * lag * torch.arange(bins, dtype=torch.float64)[None, :] / length)
-            table = (phase * weight / length).to(device)
-            return {torch.float32: table.to(torch.complex64), torch.float64: table}
-        self.inverse_x = inverse(self.uw, self.lw, self.fw, half)
-        self.inverse_y = inverse(self.uh, self.lh, self.lh, 1.0)
-        half_c = torch.full((self.fc,), 2.0, dtype=torch.float64)
-        half_c[0] = 1.0
-        if self.lc % 2 == 0:
-            half_c[-1] = 1.0
-        self.inverse_c = inverse(self.uh, self.lc, self.fc, half_c)
+        # inverse DFTs at the used lags: along x from the rfft's half spectrum, along y, along the columns (lc)
+        self.inverse_x = _inverse_dft(self.uw, self.lw, True, device)
+        self.inverse_y = _inverse_dft(self.uh, self.lh, False, device)
+        self.inverse_c = _inverse_dft(self.uh, self.lc, True, device)
 
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
@@ -554,6 +538,20 @@ class _SpectralPlan:
         return list(rows), list(cols), list(corners), entries
 
 
+def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> Dict[torch.dtype, torch.Tensor]:
+    """E (2·lags - 1, bins), complex64 and complex128: Re(E @ S) is the inverse DFT of length `length` of a spectrum S
+    (bins first) at the lags -(lags - 1) .. lags - 1. `halved`: S is an rfft's, bins = length // 2 + 1, and every bin
+    but DC and Nyquist stands for its conjugate too (weight 2)."""
+    bins = length // 2 + 1 if halved else length
+    weight = torch.ones(bins, dtype=torch.float64)
+    if halved:
+        weight[1:length - bins + 1] = 2.0
+    lag = torch.arange(-(lags - 1), lags, dtype=torch.float64)[:, None]
+    table = torch.exp(2j * math.pi * lag * torch.arange(bins, dtype=torch.float64) / length) * weight / length
+    table = table.to(device)
+    return {torch.float32: table.to(torch.complex64), torch.float64: table}
+
+
 @functools.lru_cache(maxsize=64)
 def _spectral_plan(chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
                    device: torch.device) -> _SpectralPlan:
@@ -568,9 +566,9 @@ class _SpectralGram:
     (an rfft along x, an fft along y), each written frequency first, (frequency, k, b); the border rows' 1-D spectra
     gathered from the x-spectrum; the border columns gathered (positions first) and transformed along y; one complex
     batched product Σ_b A Bᴴ per term kind; the border points, gathered from the column lines, in one real batched
-    product. `gram` turns the accumulated cross-power spectra
-    into correlations at the used lags only (inverse DFTs as small products: x, then y), concatenates the terms,
-    combines the terms of every tap pair with one sparse product and gathers the (c, i, j) order.
+    product. `gram` turns the accumulated cross-power spectra into correlations at the used lags only (inverse DFTs
+    as small products: x, then y), concatenates the terms, combines the terms of every tap pair with one sparse
+    product and gathers the (c, i, j) order.
     """
 
     def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
