@@ -332,10 +332,10 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
     padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
     with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t'], Q = U + (B/2)·c_c·MMᵀ[t, t'],
-    U = unfold(Σ_b x'_b)·Mᵀ (one image's unfold of `image_sum`, float32: the centered values are small) and MMᵀ
-    cached per geometry; Q in float64, S and Sᵀ added as two multiply-adds (the second in place on the transposed
-    result). Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 parts
-    only see the centered values."""
+    U = unfold(Σ_b x'_b)·Mᵀ (one image's unfold of `image_sum`, in the Gram's dtype: the centered values are small)
+    and MMᵀ cached per geometry; Q in float64, S and Sᵀ added as two multiply-adds (the second in place on the
+    transposed result). Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the
+    float32 parts only see the centered values."""
     masks, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)  # M (taps, L), MMᵀ (taps, taps)
     mask = masks[image_sum.dtype]
     taps = mask.shape[0]
@@ -379,8 +379,8 @@ _SPECTRAL_BUDGETS = 4
 _SPECTRAL_MIN_IMAGES = 4
 # Spectral cost model (multiply-adds): its counted products cost about this many multiply-adds of the shifted path's
 # GEMMs (they come with FFTs and gathers), plus a fixed cost per backward (inverse FFTs, the term combination);
-# fitted to 1-thread CPU timings at B=32 of the 7×7/2 stem at 32-224 px and of 3×3/1, 3×3/2, 5×5/1, 7×7/4 and 9×9/2
-# convs.
+# fitted to 1-thread CPU timings at B=32 of the 7×7/2 stem at 24-224 px and of 3×3/1, 3×3/2, 4×4/2, 5×5/1, 6×6/2,
+# 7×7/4 and 9×9/2 convs.
 _SPECTRAL_RATE_FACTOR = 4.0
 _SPECTRAL_FIXED_MACS = 2e6
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
@@ -397,10 +397,10 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
       images each fit `_SPECTRAL_BUDGETS` chunk budgets, and its cost model
       (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
       the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
-      unfold): the ResNet 7×7/2 stem from about 40 px up (to about 370 px with the 8 MiB CPU budget), 3×3/1 and
-      5×5/1 convs.
+      unfold): the ResNet 7×7/2 stem from about 28 px up (to about 420 px with the 8 MiB CPU budget), 3×3/1, 5×5/1
+      and 6×6/2 convs.
     - 'shifted' (`_ShiftedGram`): overlap along the width, no dilation, one group, where 'spectral' is not chosen
-      (small images: the 7×7/2 stem at 32 px; 3×3/2 stems, whose overlap is small).
+      (tiny images: the 7×7/2 stem below 28 px; 3×3/2 and 4×4/2 stems, whose overlap is small).
     - 'unfold': everything else (non-overlapping patch embeds, dilated or grouped convs): unfold + GEMM.
     """
     if device.type == 'meta':  # shapes only: the plain path (no cached plans on the meta device)
@@ -448,7 +448,7 @@ class _SpectralPlan:
     T = C(du, dv) - Σ_{y ∉ Yw} R_y(du, dv) - Σ_{x ∉ Xw} Q_x(du, dv) + Σ_{y ∉ Yw, x ∉ Xw} K_yx(du, dv):
     C the full 2-D cross-correlation of the phase images (one FFT per image, lengths lh ≥ hp + U_h - 1 and
     lw ≥ wp + U_w - 1 so no lag aliases), R and Q 1-D correlations along one border row / column (at most
-    U - 1 on each side; the columns' FFT length lc = max(lh, lw)), K single border points. Only the lags
+    U - 1 on each side), K single border points. Only the lags
     |du| < U_h, |dv| < U_w are ever used, so the correlations are inverse DFTs at those lags only (`inverse_x`,
     `inverse_y`, `inverse_c`: small matrices, each accumulated spectrum one product per dimension). Terms, in
     `selection`'s column order: C (Lh·Lw lags, L = 2U - 1), R (·Lw), K, Q (·Lh); `selection` (sparse CSR, ±1) maps
@@ -464,20 +464,19 @@ class _SpectralPlan:
         self.hp, self.wp = self.ho + self.uh - 1, self.wo + self.uw - 1
         self.m = m = chans * sh * sw
         self.lh, self.lw = _fft_size(self.hp + self.uh - 1), _fft_size(self.wp + self.uw - 1)
-        self.lc = max(self.lh, self.lw)
-        self.fw, self.fc = self.lw // 2 + 1, self.lc // 2 + 1
+        self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
         rows, cols, corners, entries = self._terms()
         col_lines = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})  # the border columns' lines
         self.num_rows_terms, self.num_cols_terms, self.num_corners = len(rows), len(cols), len(corners)
         # accumulated products: the main and border cross-power spectra (m × m complex each), the corner points (m²)
-        spectra = self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fc
+        spectra = self.lh * self.fw + len(rows) * self.fw + len(cols) * self.fh
         self.accumulator_elements = spectra * 2 * m * m + self.num_corners * m * m
         # real multiply-adds of one image's products (4 per complex multiply-add; corner points)
         self.product_macs = spectra * 4 * m * m + self.num_corners * m * m
         # elements one image materializes: the padded input, its spectra (x, then y: complex), the border lines and
         # their spectra
         self.image_elements = m * (self.lh * self.lw + 4 * self.lh * self.fw + 4 * len(rows) * self.fw
-                                   + len(col_lines) * (self.lh + 2 * self.fc) + 4 * len(cols) * self.fc
+                                   + len(col_lines) * (self.lh + 2 * self.fh) + 4 * len(cols) * self.fh
                                    + 2 * self.num_corners)
         if device.type == 'meta':  # `_gram_path` only needs the sizes
             return
@@ -508,10 +507,10 @@ class _SpectralPlan:
         tap = ((i // sh) * self.uw + j // sw).expand(chans, kh, kw).reshape(-1)
         taps = self.uh * self.uw
         self.order = ((tap[:, None] * taps + tap[None, :]) * m * m + k[:, None] * m + k[None, :]).reshape(-1).to(device)
-        # inverse DFTs at the used lags: along x from the rfft's half spectrum, along y, along the columns (lc)
+        # inverse DFTs at the used lags: along x from the rfft's half spectrum, along y, along the columns (halved)
         self.inverse_x = _inverse_dft(self.uw, self.lw, True, device)
         self.inverse_y = _inverse_dft(self.uh, self.lh, False, device)
-        self.inverse_c = _inverse_dft(self.uh, self.lc, True, device)
+        self.inverse_c = _inverse_dft(self.uh, self.lh, True, device)
 
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
@@ -575,7 +574,7 @@ class _SpectralGram:
         self.plan, self.dtype = plan, dtype
         self.main: Optional[torch.Tensor] = None  # (lh·fw, m, m) complex: Σ A Aᴴ of the 2-D spectra
         self.rows: Optional[torch.Tensor] = None  # (R·fw, m, m) complex
-        self.cols: Optional[torch.Tensor] = None  # (Q·fc, m, m) complex
+        self.cols: Optional[torch.Tensor] = None  # (Q·fh, m, m) complex
         self.corners: Optional[torch.Tensor] = None  # (K, m, m)
 
     def add(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str) -> None:
@@ -596,7 +595,7 @@ class _SpectralGram:
         # columns' spectra in one buffer
         grid, col_lines = (pl.chans, pl.sh, pl.sw, b), pl.col_lines.numel()
         size = pl.lh * pl.fw * m * b
-        buf = x.new_empty(2 * size + col_lines * pl.fc * m * b,
+        buf = x.new_empty(2 * size + col_lines * pl.fh * m * b,
                           dtype=torch.complex128 if x.dtype == torch.float64 else torch.complex64)
         fx = buf[:size].view(pl.lh, pl.fw, *grid)
         torch.fft.rfft(phases, dim=4, out=fx.permute(5, 2, 0, 3, 1, 4))
@@ -609,9 +608,9 @@ class _SpectralGram:
             self.rows = _add_product(self.rows, lines[0], lines[1].conj())
         if pl.num_cols_terms:  # the border columns' lines (positions first), their spectra, the pairs of them
             lines = phases.permute(4, 2, 1, 3, 5, 0).index_select(0, pl.col_lines)  # (lines, lh, C, sh, sw, b)
-            spectra = buf[2 * size:].view(col_lines, pl.fc, *grid)
-            torch.fft.rfft(lines, n=pl.lc, dim=1, out=spectra)
-            spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, m, b)  # (2, Q·fc, m, b)
+            spectra = buf[2 * size:].view(col_lines, pl.fh, *grid)
+            torch.fft.rfft(lines, dim=1, out=spectra)
+            spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, m, b)  # (2, Q·fh, m, b)
             self.cols = _add_product(self.cols, spectra[0], spectra[1].conj())
         if pl.num_corners:  # the border points lie on the border columns' lines
             points = lines.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
@@ -632,7 +631,7 @@ class _SpectralGram:
             terms.append(self.corners.view(-1, mm))
         if pl.num_cols_terms:
             ic = pl.inverse_c[self.dtype].expand(pl.num_cols_terms, -1, -1)
-            cols = torch.bmm(ic, self.cols.view(-1, pl.fc, mm))  # (Q, Lh, m²)
+            cols = torch.bmm(ic, self.cols.view(-1, pl.fh, mm))  # (Q, Lh, m²)
             terms.append(torch.view_as_real(cols)[..., 0].reshape(-1, mm))
         blocks = pl.selection[self.dtype] @ torch.cat(terms)  # (tap pairs, m·m)
         n = math.isqrt(pl.order.numel())
