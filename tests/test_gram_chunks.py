@@ -167,6 +167,37 @@ def test_conv_gram_over_several_chunks_and_bands(budget, path, elements):
         assert chunks > size[0]  # bands of rows really were cut
 
 
+def test_spectral_chunks_hold_at_least_four_images(budget, monkeypatch):
+    """Below the budget of one image the spectral path still takes 4 images a chunk (torch's complex batched product
+    of fewer is an unblocked loop on CPU): 9 images are 3 chunks (4, 4, 1), exact against the float64 oracle."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, 40, 36, dtype=torch.float64)
+    geom = TF.conv_geometry((8, 3, 7, 7), stride=2, padding=3)
+    expected, rows = _unfold_gram(x, geom)
+    monkeypatch.setattr(TF, '_gram_path', lambda *a: 'spectral')
+    budget(300)  # elements: far below one image's temporaries
+    with _Materialized() as seen:
+        gram, num_rows = TF.patch_gram(x, geom)
+    assert num_rows == rows
+    assert torch.allclose(gram[0], expected, rtol=1e-12, atol=1e-9)
+    products = 4  # per chunk: the 2-D spectra, the border rows, the border columns, the border points
+    assert seen.calls['bmm'] == products + 3  # the first chunk's, and the inverse DFTs of the main, row, column terms
+    assert seen.calls['baddbmm_'] == 2 * products  # two more chunks
+
+
+@pytest.mark.parametrize('length,halved', [(24, True), (25, True), (24, False), (7, True)])
+def test_inverse_dft_at_the_used_lags_matches_the_signal(length, halved):
+    """`_inverse_dft`'s table applied to a real signal's spectrum (an rfft's half spectrum, or the full one) gives the
+    signal at the lags -2..2 (mod the length): the correlations the spectral path reads."""
+    torch.manual_seed(0)
+    signal = torch.randn(5, length, dtype=torch.float64)
+    spectrum = torch.fft.rfft(signal) if halved else torch.fft.fft(signal)
+    table = TF._inverse_dft(3, length, halved, torch.device('cpu'))
+    assert table[torch.float32].dtype == torch.complex64
+    got = (table[torch.float64] @ spectrum.T).real.T  # (signals, lags)
+    assert torch.allclose(got, signal[:, torch.arange(-2, 3) % length], rtol=0, atol=1e-12)
+
+
 def test_layer_gradient_is_the_same_at_every_budget(budget):
     """The whole backward (stem geometry, float32) matches the float64 layer at budgets from bands to one chunk."""
     from timm_tract import TrActConv2d
