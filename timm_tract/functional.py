@@ -728,7 +728,7 @@ class _ShiftedPlan:
         self.n = chans * self.kh * self.kw
         # elements materialized per output row of one image: its row of Vᶜ and its 2·(2U-2) gathered edge rows
         self.row_elements = m * (self.t_max + 4 * (u_count - 1))
-        self.device, self._edge_rows = device, {}
+        self._edge_rows = {}
         # accumulator terms: the flat products F_δ at δ, E(δ, t) at U + t·U + δ (low end) and at
         # U + (U-1)·U + t·U + δ for E(δ, W_out + t); M_δ = F_δ - Σ_{t<U-1} E(δ, W_out + t)
         high = u_count + (u_count - 1) * u_count
@@ -763,13 +763,13 @@ class _ShiftedPlan:
     def edge_rows(self, blocks: int, device: torch.device) -> torch.Tensor:
         """Flat row indices r = block·T + t of V for t in [0, 2U-2) and in [W_out, W_out + 2U-2), every block
         (low end first), cached per block count (a chunk's b·H_out)."""
-        if blocks not in self._edge_rows:
+        if blocks not in self._edge_rows:  # built on the device (no host-to-device copy, no sync)
             if len(self._edge_rows) >= 8:
                 self._edge_rows.clear()
             span = 2 * self.shifts - 2
-            t = torch.cat([torch.arange(span), torch.arange(self.w_out, self.w_out + span)]).view(2, 1, span)
-            rows = torch.arange(blocks).view(1, -1, 1) * self.t_max + t
-            self._edge_rows[blocks] = rows.reshape(-1).to(device)
+            t = torch.arange(2, device=device).view(2, 1, 1) * self.w_out + torch.arange(span, device=device)
+            rows = torch.arange(blocks, device=device).view(1, -1, 1) * self.t_max + t
+            self._edge_rows[blocks] = rows.reshape(-1)
         return self._edge_rows[blocks]
 
 
