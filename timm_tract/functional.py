@@ -620,19 +620,20 @@ class _SpectralGram:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
         pl = self.plan
         mm, ix = pl.m * pl.m, pl.inverse_x[self.dtype]
+
+        def at_lags(table: torch.Tensor, spectra: torch.Tensor, bins: int) -> torch.Tensor:
+            """Inverse DFT of each (bins, m²) spectrum at the table's lags: (count, lags, m²), complex."""
+            spectra = spectra.view(-1, bins, mm)
+            return torch.bmm(table.expand(spectra.shape[0], -1, -1), spectra)
         # correlations at the used lags: inverse DFTs as products, x first (batched over the y bins), then y
-        main = torch.bmm(ix.expand(pl.lh, -1, -1), self.main.view(pl.lh, pl.fw, mm))  # (lh, Lw, m²)
-        main = torch.mm(pl.inverse_y[self.dtype], main.view(pl.lh, -1))  # (Lh, Lw·m²)
-        terms = [torch.view_as_real(main)[..., 0].reshape(-1, mm)]  # a view: (Lh·Lw, m²)
+        main = torch.mm(pl.inverse_y[self.dtype], at_lags(ix, self.main, pl.fw).view(pl.lh, -1))  # (Lh, Lw·m²)
+        terms = [main.real.reshape(-1, mm)]  # a view: (Lh·Lw, m²)
         if pl.num_rows_terms:
-            rows = torch.bmm(ix.expand(pl.num_rows_terms, -1, -1), self.rows.view(-1, pl.fw, mm))  # (R, Lw, m²)
-            terms.append(torch.view_as_real(rows)[..., 0].reshape(-1, mm))
+            terms.append(at_lags(ix, self.rows, pl.fw).real.reshape(-1, mm))  # (R·Lw, m²)
         if pl.num_corners:
             terms.append(self.corners.view(-1, mm))
         if pl.num_cols_terms:
-            ic = pl.inverse_c[self.dtype].expand(pl.num_cols_terms, -1, -1)
-            cols = torch.bmm(ic, self.cols.view(-1, pl.fh, mm))  # (Q, Lh, m²)
-            terms.append(torch.view_as_real(cols)[..., 0].reshape(-1, mm))
+            terms.append(at_lags(pl.inverse_c[self.dtype], self.cols, pl.fh).real.reshape(-1, mm))  # (Q·Lh, m²)
         blocks = pl.selection[self.dtype] @ torch.cat(terms)  # (tap pairs, m·m)
         n = math.isqrt(pl.order.numel())
         return blocks.view(-1).index_select(0, pl.order).view(n, n)
