@@ -105,6 +105,30 @@ def test_every_gram_path_matches_the_float64_oracle_large_sample(monkeypatch):
     assert _check_paths(monkeypatch, _geometries(400, seed=1)) == {'unfold', 'shifted', 'spectral'}
 
 
+@pytest.mark.parametrize('mode', _MODES)
+def test_spectral_border_terms_of_zero_padding_lines_are_left_out_exactly(monkeypatch, mode):
+    """ResNet stem, 32 px: its first and last phase rows and columns (padded lines 0-1 and 36-37) read only the zero
+    padding, so 10 of the 18 border-row and of the 18 border-column terms and 260 of the 324 corner terms are 0 and
+    left out; padding modes that copy the input keep them all. The Gram stays exact either way."""
+    geom = TF.conv_geometry((8, 3, 7, 7), 2, 3, padding_mode=mode)
+    plans, make_plan = [], TF._spectral_plan
+
+    def recording_plan(*args):
+        plans.append(make_plan(*args))
+        return plans[-1]
+    monkeypatch.setattr(TF, '_gram_path', lambda *a: 'spectral')
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    with monkeypatch.context() as patched:
+        patched.setattr(TF, '_spectral_plan', recording_plan)
+        gram, _ = TF.patch_gram(x, geom)
+    plan, = plans
+    zeros = mode == 'zeros'
+    assert (plan.zero_rows, plan.zero_cols) == ((frozenset({0, 18}),) * 2 if zeros else (frozenset(),) * 2)
+    assert (plan.num_rows_terms, plan.num_cols_terms, plan.num_corners) == ((8, 8, 64) if zeros else (18, 18, 324))
+    expected = _oracle_gram(x, geom)
+    assert float((gram - expected).abs().max() / expected.abs().max()) <= 1e-11
+
+
 def test_the_rule_takes_the_spectral_path_for_the_resnet_stem_from_32_px():
     geom = TF.conv_geometry((64, 3, 7, 7), 2, 3)
     budget = TF._chunk_elements(torch.device('cpu'), torch.float32)

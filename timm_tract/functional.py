@@ -33,7 +33,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -276,7 +276,10 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     if path == 'rows':
         out = x.new_empty((g, num_rows, n), dtype=dtype)
     elif path == 'spectral':
-        accumulator = _SpectralGram(_spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device), dtype)
+        left, _, top, _ = geom.pad  # zero padding holds zeros; other modes copy the input (data up to h × w)
+        data = (top, x.shape[2], left, x.shape[3]) if geom.padding_mode == 'zeros' else (0, h, 0, w)
+        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, data)
+        accumulator = _SpectralGram(plan, dtype)
         row_elements = accumulator.plan.image_elements / h_out  # whole images only (see `_SpectralPlan`)
     elif path == 'shifted':
         accumulator = _ShiftedGram(chans, geom.kernel_size, geom.stride, w, dtype, x.device)
@@ -456,14 +459,21 @@ class _SpectralPlan:
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
-                 device: torch.device):
+                 device: torch.device, data: Optional[Tuple[int, int, int, int]] = None):
         (kh, kw), (sh, sw) = kernel_size, stride
         self.chans, self.sh, self.sw = chans, sh, sw
         self.uh, self.uw = -(-kh // sh), -(-kw // sw)
         self.ho, self.wo = (h_pad - kh) // sh + 1, (w_pad - kw) // sw + 1
         self.hp, self.wp = self.ho + self.uh - 1, self.wo + self.uw - 1
+        # phase lines that hold only zeros (zero padding, or beyond the input): their border terms vanish
+        top, rows, left, cols = data if data is not None else (0, sh * self.hp, 0, sw * self.wp)
+        self.zero_rows = _zero_phase_lines(top, rows, sh, self.hp)
+        self.zero_cols = _zero_phase_lines(left, cols, sw, self.wp)
         self.m = m = chans * sh * sw
-        self.lh, self.lw = _fft_size(self.hp + self.uh - 1), _fft_size(self.wp + self.uw - 1)
+        # the FFTs see the phase lines from the first to the last one that is not zero: y0 .. y0 + extent - 1
+        self.y0, extent_h = _data_extent(self.zero_rows, self.hp)
+        self.x0, extent_w = _data_extent(self.zero_cols, self.wp)
+        self.lh, self.lw = _fft_size(extent_h + self.uh - 1), _fft_size(extent_w + self.uw - 1)
         self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
         rows, cols, corners, entries = self._terms()
         col_lines = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})  # the border columns' lines
@@ -483,14 +493,15 @@ class _SpectralPlan:
 
         def index(values):
             return torch.tensor(values, dtype=torch.long, device=device)
-        # gathers: left operands (y + du, ...) first, then the right ones (y, ...)
-        self.row_lines = index([y + du for y, du in rows] + [y for y, _ in rows])
+        # gathers (buffer lines: phase line - y0 or - x0): left operands (y + du, ...) first, then the right ones
+        y0, x0 = self.y0, self.x0
+        self.row_lines = index([y + du - y0 for y, du in rows] + [y - y0 for y, _ in rows])
         line = {x: i for i, x in enumerate(col_lines)}
-        self.col_lines = index(col_lines)
+        self.col_lines = index([x - x0 for x in col_lines])
         self.col_pairs = index([line[x + dv] for x, dv in cols] + [line[x] for x, _ in cols])
-        # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat (line, y) indices into the lines
-        self.corner_points = index([line[x + dv] * self.lh + y + du for y, du, x, dv in corners]
-                                   + [line[x] * self.lh + y for y, _, x, _ in corners])
+        # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat (line, y - y0) indices into the lines
+        self.corner_points = index([line[x + dv] * self.lh + y + du - y0 for y, du, x, dv in corners]
+                                   + [line[x] * self.lh + y - y0 for y, _, x, _ in corners])
         pairs = (self.uh * self.uw) ** 2
         lh_lags, lw_lags = 2 * self.uh - 1, 2 * self.uw - 1
         num_terms = lh_lags * lw_lags + len(rows) * lw_lags + len(corners) + len(cols) * lh_lags
@@ -515,15 +526,18 @@ class _SpectralPlan:
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
         entries (tap pair, term index, ±1); term indices: C lags (du, dv) at (du + U_h - 1)·Lw + dv + U_w - 1, then
-        R_y (dv), then the corners, then Q_x (du)."""
+        R_y (dv), then the corners, then Q_x (du). Terms that read a zero line (`zero_rows`, `zero_cols`) are 0 and
+        left out."""
         uh, uw, ho, wo, hp, wp = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp
         lh_lags, lw_lags = 2 * uh - 1, 2 * uw - 1
         rows, cols, corners, raw = {}, {}, {}, []
         for pair, (u, v, u2, v2) in enumerate(itertools.product(range(uh), range(uw), range(uh), range(uw))):
             du, dv = u - u2, v - v2
             raw.append((pair, 'main', (du + uh - 1) * lw_lags + dv + uw - 1, 1.0))
-            ys = [y for y in list(range(u2)) + list(range(u2 + ho, hp)) if 0 <= y + du < hp]
-            xs = [x for x in list(range(v2)) + list(range(v2 + wo, wp)) if 0 <= x + dv < wp]
+            ys = [y for y in list(range(u2)) + list(range(u2 + ho, hp))
+                  if 0 <= y + du < hp and not {y, y + du} & self.zero_rows]
+            xs = [x for x in list(range(v2)) + list(range(v2 + wo, wp))
+                  if 0 <= x + dv < wp and not {x, x + dv} & self.zero_cols]
             for y in ys:
                 raw.append((pair, 'row', rows.setdefault((y, du), len(rows)) * lw_lags + dv + uw - 1, -1.0))
             for x in xs:
@@ -551,10 +565,25 @@ def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> 
     return {torch.float32: table.to(torch.complex64), torch.float64: table}
 
 
+def _zero_phase_lines(start: int, count: int, stride: int, lines: int) -> FrozenSet[int]:
+    """The phase lines y < `lines` (input lines stride·y .. stride·y + stride - 1 of the padded input) that read none
+    of the `count` data lines from `start` on."""
+    return frozenset(y for y in range(lines) if stride * y + stride <= start or stride * y >= start + count)
+
+
+def _data_extent(zero_lines: FrozenSet[int], lines: int) -> Tuple[int, int]:
+    """(first, count): the phase lines from the first to the last one not in `zero_lines` (all of them if every line
+    is zero)."""
+    data = [y for y in range(lines) if y not in zero_lines]
+    return (data[0], data[-1] - data[0] + 1) if data else (0, lines)
+
+
 @functools.lru_cache(maxsize=64)
 def _spectral_plan(chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
-                   device: torch.device) -> _SpectralPlan:
-    return _SpectralPlan(chans, kernel_size, stride, h_pad, w_pad, device)
+                   device: torch.device, data: Optional[Tuple[int, int, int, int]] = None) -> _SpectralPlan:
+    """The cached `_SpectralPlan`; `data` (top, rows, left, columns): where the padded input holds data, not zero
+    padding (None: everywhere)."""
+    return _SpectralPlan(chans, kernel_size, stride, h_pad, w_pad, device, data)
 
 
 class _SpectralGram:
@@ -585,10 +614,11 @@ class _SpectralGram:
         # zero-padded to the FFT lengths (this also holds the phantom taps)
         left, _, top, _ = pad
         rows, cols = min(x.shape[2], pl.sh * pl.hp - top), min(x.shape[3], pl.sw * pl.wp - left)
+        top, left = top - pl.sh * pl.y0, left - pl.sw * pl.x0  # the leading zero phase lines are left out
         if pad_mode == 'constant' and rows > 0 and cols > 0:  # geometry padding, cropping, FFT padding in one op
             xp = F.pad(x[:, :, :rows, :cols], (left, pl.sw * pl.lw - left - cols, top, pl.sh * pl.lh - top - rows))
         else:
-            xp = F.pad(x, pad, mode=pad_mode)[:, :, :pl.sh * pl.hp, :pl.sw * pl.wp]
+            xp = F.pad(x, pad, mode=pad_mode)[:, :, pl.sh * pl.y0:pl.sh * pl.hp, pl.sw * pl.x0:pl.sw * pl.wp]
             xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
         phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw)  # P_(c, a, a')[y, x] at [:, c, y, a, x, a']
         # the spectra are written (FFT `out=`) frequency first, the batch last: x-spectrum, 2-D spectrum, border
