@@ -167,22 +167,35 @@ def test_conv_gram_over_several_chunks_and_bands(budget, path, elements):
         assert chunks > size[0]  # bands of rows really were cut
 
 
-def test_spectral_chunks_hold_at_least_four_images(budget, monkeypatch):
+@pytest.mark.parametrize('transform', ['dft', 'fft'])
+def test_spectral_chunks_hold_at_least_four_images(budget, monkeypatch, transform):
     """Below the budget of one image the spectral path still takes 4 images a chunk (torch's complex batched product
-    of fewer is an unblocked loop on CPU): 9 images are 3 chunks (4, 4, 1), exact against the float64 oracle."""
+    of fewer is an unblocked loop on CPU): 9 images are 3 chunks (4, 4, 1), exact against the float64 oracle; with
+    the DFT products (these short lengths) and with the FFTs."""
     torch.manual_seed(0)
     x = torch.randn(9, 3, 40, 36, dtype=torch.float64)
     geom = TF.conv_geometry((8, 3, 7, 7), stride=2, padding=3)
     expected, rows = _unfold_gram(x, geom)
     monkeypatch.setattr(TF, '_gram_path', lambda *a: 'spectral')
+    if transform == 'fft':
+        monkeypatch.setattr(TF, '_DFT_MAX_LENGTH', 0)
+    TF._spectral_plan.cache_clear()  # plans made under the other setting
     budget(300)  # elements: far below one image's temporaries
-    with _Materialized() as seen:
-        gram, num_rows = TF.patch_gram(x, geom)
+    try:
+        with _Materialized() as seen:
+            gram, num_rows = TF.patch_gram(x, geom)
+    finally:
+        TF._spectral_plan.cache_clear()
     assert num_rows == rows
     assert torch.allclose(gram[0], expected, rtol=1e-12, atol=1e-9)
-    products = 4  # per chunk: the 2-D spectra, the border rows, the border columns, the border points
-    assert seen.calls['bmm'] == products + 3  # the first chunk's, and the inverse DFTs of the main, row, column terms
-    assert seen.calls['baddbmm_'] == 2 * products  # two more chunks
+    inverse_dfts = 3  # of the main, row and column terms
+    if transform == 'fft':
+        products = 4  # per chunk: the 2-D spectra, the border rows, the border columns, the border points
+        assert seen.calls['bmm'] == products + inverse_dfts  # the first chunk's
+        assert seen.calls['baddbmm_'] == 2 * products  # two more chunks
+    else:  # per chunk: x-spectra and column spectra (bmm), main, rows, columns into zeroed blocks, points
+        assert seen.calls['bmm'] == 3 * 2 + 1 + inverse_dfts
+        assert seen.calls['baddbmm_'] == 3 * 3 + 2
 
 
 @pytest.mark.parametrize('length,halved', [(24, True), (25, True), (24, False), (7, True)])

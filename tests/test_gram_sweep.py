@@ -67,7 +67,7 @@ def _applicable_paths(geom, x_shape):
         paths.append('shifted')
     (kh, kw), (sh, sw) = geom.kernel_size, geom.stride
     if (kh > sh or kw > sw) and -(-kh // sh) * -(-kw // sw) <= TF._SPECTRAL_MAX_TAP_GROUPS:
-        paths.append('spectral')
+        paths += ['spectral:dft', 'spectral:fft']  # with its DFT products where the lengths allow them, with FFTs
     return paths
 
 
@@ -78,13 +78,16 @@ def _check_paths(monkeypatch, geometries, budget_elements=None):
         expected = _oracle_gram(x, geom)
         scale = expected.abs().max().clamp(min=1)
         for path in _applicable_paths(geom, x_shape):
-            monkeypatch.setattr(TF, '_gram_path', lambda *a, p=path: p)
+            monkeypatch.setattr(TF, '_gram_path', lambda *a, p=path.split(':')[0]: p)
+            monkeypatch.setattr(TF, '_DFT_MAX_LENGTH', 0 if path == 'spectral:fft' else 10 ** 6)
+            TF._spectral_plan.cache_clear()  # plans made under the other setting
             if budget_elements:
                 TF.set_gram_chunk_bytes(budget_elements * 8)
             try:
                 gram, rows = TF.patch_gram(x, geom)
             finally:
                 TF.set_gram_chunk_bytes(None)
+                TF._spectral_plan.cache_clear()
             assert rows == x_shape[0] * TF._conv_out_size(x, geom)[0] * TF._conv_out_size(x, geom)[1]
             err = float((gram - expected).abs().max() / scale)
             assert err <= 1e-11, (path, geom, x_shape, err)
@@ -97,12 +100,12 @@ def test_every_gram_path_matches_the_float64_oracle(monkeypatch, budget):
     geometries = _geometries(60, seed=0)
     assert {geom.padding_mode for geom, _ in geometries} == set(_MODES)
     assert any(h < geom.kernel_size[0] or w < geom.kernel_size[1] for geom, (_, _, h, w) in geometries)
-    assert _check_paths(monkeypatch, geometries, budget) == {'unfold', 'shifted', 'spectral'}
+    assert _check_paths(monkeypatch, geometries, budget) == {'unfold', 'shifted', 'spectral:dft', 'spectral:fft'}
 
 
 @pytest.mark.slow
 def test_every_gram_path_matches_the_float64_oracle_large_sample(monkeypatch):
-    assert _check_paths(monkeypatch, _geometries(400, seed=1)) == {'unfold', 'shifted', 'spectral'}
+    assert _check_paths(monkeypatch, _geometries(400, seed=1)) == {'unfold', 'shifted', 'spectral:dft', 'spectral:fft'}
 
 
 @pytest.mark.parametrize('mode', _MODES)

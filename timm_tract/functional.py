@@ -389,6 +389,10 @@ _SPECTRAL_FIXED_MACS = 2e6
 _PATH_BATCH = 32  # the batch the cost model is evaluated at
 # at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
 _SPECTRAL_MAX_TAP_GROUPS = 25
+# transform lengths up to this on CPU: DFT products instead of FFTs (there the FFTs' strided complex copies cost more
+# than the transforms; 1-thread CPU, ResNet stem: about 0.65x the FFT version at 32 px, about equal at 64 px;
+# accelerators keep the FFTs, which take fewer kernels)
+_DFT_MAX_LENGTH = 32
 
 
 def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: int, device: torch.device,
@@ -471,10 +475,12 @@ class _SpectralPlan:
         self.zero_cols = _zero_phase_lines(left, cols, sw, self.wp)
         self.m = m = chans * sh * sw
         # the FFTs see the phase lines from the first to the last one that is not zero: y0 .. y0 + extent - 1
-        self.y0, extent_h = _data_extent(self.zero_rows, self.hp)
-        self.x0, extent_w = _data_extent(self.zero_cols, self.wp)
-        self.lh, self.lw = _fft_size(extent_h + self.uh - 1), _fft_size(extent_w + self.uw - 1)
+        self.y0, self.yl = _data_extent(self.zero_rows, self.hp)
+        self.x0, self.xl = _data_extent(self.zero_cols, self.wp)
+        self.lh, self.lw = _fft_size(self.yl + self.uh - 1), _fft_size(self.xl + self.uw - 1)
         self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
+        # short lengths on CPU: the transforms are DFT products (`_SpectralGram._add_dft`), not FFTs
+        self.dft = data is not None and device.type == 'cpu' and max(self.lh, self.lw) <= _DFT_MAX_LENGTH
         rows, cols, corners, entries = self._terms()
         col_lines = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})  # the border columns' lines
         self.num_rows_terms, self.num_cols_terms, self.num_corners = len(rows), len(cols), len(corners)
@@ -488,6 +494,10 @@ class _SpectralPlan:
         self.image_elements = m * (self.lh * self.lw + 4 * self.lh * self.fw + 4 * len(rows) * self.fw
                                    + len(col_lines) * (self.lh + 2 * self.fh) + 4 * len(cols) * self.fh
                                    + 2 * self.num_corners)
+        if self.dft:  # padded input and its transpose, x-spectra, both y-products and the 2-D spectra, border lines
+            self.image_elements = m * (2 * self.yl * self.xl + 2 * self.yl * self.fw + 6 * self.lh * self.fw
+                                       + 4 * len(rows) * self.fw + len(col_lines) * (self.yl + 2 * self.fh)
+                                       + 4 * len(cols) * self.fh + 2 * self.num_corners)
         if device.type == 'meta':  # `_gram_path` only needs the sizes
             return
 
@@ -499,9 +509,13 @@ class _SpectralPlan:
         line = {x: i for i, x in enumerate(col_lines)}
         self.col_lines = index([x - x0 for x in col_lines])
         self.col_pairs = index([line[x + dv] for x, dv in cols] + [line[x] for x, _ in cols])
-        # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat (line, y - y0) indices into the lines
-        self.corner_points = index([line[x + dv] * self.lh + y + du - y0 for y, du, x, dv in corners]
-                                   + [line[x] * self.lh + y - y0 for y, _, x, _ in corners])
+        # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat indices: (line, y - y0) into the lines;
+        # with `dft` (y - y0, x - x0) into the phase images
+        points = [(y + du, x + dv) for y, du, x, dv in corners] + [(y, x) for y, _, x, _ in corners]
+        if self.dft:
+            self.corner_points = index([(y - y0) * self.xl + x - x0 for y, x in points])
+        else:
+            self.corner_points = index([line[x] * self.lh + y - y0 for y, x in points])
         pairs = (self.uh * self.uw) ** 2
         lh_lags, lw_lags = 2 * self.uh - 1, 2 * self.uw - 1
         num_terms = lh_lags * lw_lags + len(rows) * lw_lags + len(corners) + len(cols) * lh_lags
@@ -514,7 +528,7 @@ class _SpectralPlan:
             self.selection = {dtype: selection.to(dtype).to_sparse_csr() for dtype in (torch.float32, torch.float64)}
         # Gram entry ((c, i, j), (c', i', j')) = block of taps ((u, v), (u', v')) at (k, k')
         c, i, j = torch.arange(chans)[:, None, None], torch.arange(kh)[None, :, None], torch.arange(kw)[None, None, :]
-        k = ((c * sh + i % sh) * sw + j % sw).reshape(-1)
+        k = ((i % sh * sw + j % sw) * chans + c if self.dft else (c * sh + i % sh) * sw + j % sw).reshape(-1)
         tap = ((i // sh) * self.uw + j // sw).expand(chans, kh, kw).reshape(-1)
         taps = self.uh * self.uw
         self.order = ((tap[:, None] * taps + tap[None, :]) * m * m + k[:, None] * m + k[None, :]).reshape(-1).to(device)
@@ -522,6 +536,8 @@ class _SpectralPlan:
         self.inverse_x = _inverse_dft(self.uw, self.lw, True, device)
         self.inverse_y = _inverse_dft(self.uh, self.lh, False, device)
         self.inverse_c = _inverse_dft(self.uh, self.lh, True, device)
+        if self.dft:
+            self.dft_x, self.dft_y, self.dft_c = _dft_tables(self.xl, self.lw, self.yl, self.lh, device)
 
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
@@ -565,6 +581,20 @@ def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> 
     return {torch.float32: table.to(torch.complex64), torch.float64: table}
 
 
+def _dft_tables(xl: int, lw: int, yl: int, lh: int, device: torch.device
+                ) -> Tuple[Dict[torch.dtype, torch.Tensor], ...]:
+    """Real DFT matrices of `_SpectralGram._add_dft`, float32 and float64, θ = 2π·f·t/length:
+    along x (2·fw, xl), rows (f, re/im) = (cos θ, -sin θ): the half spectrum of xl samples;
+    along y (2·lh, yl), rows (cos, sin) then f: the cos and sin sums of the x-spectra's parts;
+    along the columns (2·fh, yl), rows (f, re/im), half spectrum."""
+    def table(bins: int, samples: int, length: int) -> torch.Tensor:
+        return 2 * math.pi * torch.arange(bins, dtype=torch.float64)[:, None] * torch.arange(samples) / length
+    tx, ty, tc = table(lw // 2 + 1, xl, lw), table(lh, yl, lh), table(lh // 2 + 1, yl, lh)
+    tables = (torch.stack([tx.cos(), -tx.sin()], 1).flatten(0, 1), torch.cat([ty.cos(), ty.sin()]),
+              torch.stack([tc.cos(), -tc.sin()], 1).flatten(0, 1))
+    return tuple({torch.float32: t.to(device, torch.float32), torch.float64: t.to(device)} for t in tables)
+
+
 def _zero_phase_lines(start: int, count: int, stride: int, lines: int) -> FrozenSet[int]:
     """The phase lines y < `lines` (input lines stride·y .. stride·y + stride - 1 of the padded input) that read none
     of the `count` data lines from `start` on."""
@@ -605,22 +635,30 @@ class _SpectralGram:
         self.rows: Optional[torch.Tensor] = None  # (R·fw, m, m) complex
         self.cols: Optional[torch.Tensor] = None  # (Q·fh, m, m) complex
         self.corners: Optional[torch.Tensor] = None  # (K, m, m)
+        self.blocks: Optional[torch.Tensor] = None  # with `plan.dft`: main, rows, cols as real (·, 2m, 2m) blocks
 
-    def add(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str) -> None:
-        """Accumulate the patches of x (b, C, H, W), `pad` (F.pad order) not yet applied."""
+    def _phase_images(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str, lines: int,
+                      length: int) -> torch.Tensor:
+        """The phase images from line (y0, x0) on, (b, C, lines, sh, length, sw): the padded input cropped to
+        sh·hp × sw·wp (beyond, the correlations assume zeros), then zero-padded (this also holds the phantom taps)."""
         pl = self.plan
-        b, m = x.shape[0], pl.m
-        # phase images: the padded input cropped to sh·hp × sw·wp (beyond, the correlations assume zeros), then
-        # zero-padded to the FFT lengths (this also holds the phantom taps)
         left, _, top, _ = pad
         rows, cols = min(x.shape[2], pl.sh * pl.hp - top), min(x.shape[3], pl.sw * pl.wp - left)
         top, left = top - pl.sh * pl.y0, left - pl.sw * pl.x0  # the leading zero phase lines are left out
         if pad_mode == 'constant' and rows > 0 and cols > 0:  # geometry padding, cropping, FFT padding in one op
-            xp = F.pad(x[:, :, :rows, :cols], (left, pl.sw * pl.lw - left - cols, top, pl.sh * pl.lh - top - rows))
+            xp = F.pad(x[:, :, :rows, :cols], (left, pl.sw * length - left - cols, top, pl.sh * lines - top - rows))
         else:
             xp = F.pad(x, pad, mode=pad_mode)[:, :, pl.sh * pl.y0:pl.sh * pl.hp, pl.sw * pl.x0:pl.sw * pl.wp]
-            xp = F.pad(xp, (0, pl.sw * pl.lw - xp.shape[3], 0, pl.sh * pl.lh - xp.shape[2]))
-        phases = xp.view(b, pl.chans, pl.lh, pl.sh, pl.lw, pl.sw)  # P_(c, a, a')[y, x] at [:, c, y, a, x, a']
+            xp = F.pad(xp, (0, pl.sw * length - xp.shape[3], 0, pl.sh * lines - xp.shape[2]))
+        return xp.view(x.shape[0], pl.chans, lines, pl.sh, length, pl.sw)  # P_(c, a, a')[y, x] at [:, c, y, a, x, a']
+
+    def add(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str) -> None:
+        """Accumulate the patches of x (b, C, H, W), `pad` (F.pad order) not yet applied."""
+        pl = self.plan
+        if pl.dft:
+            return self._add_dft(self._phase_images(x, pad, pad_mode, pl.yl, pl.xl))
+        b, m = x.shape[0], pl.m
+        phases = self._phase_images(x, pad, pad_mode, pl.lh, pl.lw)
         # the spectra are written (FFT `out=`) frequency first, the batch last: x-spectrum, 2-D spectrum, border
         # columns' spectra in one buffer
         grid, col_lines = (pl.chans, pl.sh, pl.sw, b), pl.col_lines.numel()
@@ -646,9 +684,50 @@ class _SpectralGram:
             points = lines.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
             self.corners = _add_product(self.corners, points[0], points[1])
 
+    def _add_dft(self, phases: torch.Tensor) -> None:
+        """`add` with DFT products: the phase images (b, C, yl, sh, xl, sw) transposed once to (y, x, k, b), k =
+        (a, a', c), the batch last; the x-spectra (y, x-bin, re/im, k, b) one product, the 2-D spectra two (the cos
+        and sin sums along y) and two adds, (y-bin, x-bin, re/im, k, b): every spectrum [Re; Im] is a real (2m, b)
+        matrix, and Σ_b [Ar; Ai][Br; Bi]ᵀ holds Re and Im of Σ_b A Bᴴ (`_dft_spectra`). No complex copies."""
+        pl = self.plan
+        b, m, yl, xl, lh, fw, fh = phases.shape[0], pl.m, pl.yl, pl.xl, pl.lh, pl.fw, pl.fh
+        mb = m * b
+        xt = phases.permute(2, 4, 3, 5, 1, 0).contiguous()  # (y, x, a, a', c, b)
+        fx = torch.bmm(pl.dft_x[self.dtype].expand(yl, -1, -1), xt.view(yl, xl, mb))  # (y, x-bin·re/im, k·b)
+        cs = torch.mm(pl.dft_y[self.dtype], fx.view(yl, -1)).view(2, lh, fw, 2, mb)  # (cos/sin, y-bin, x-bin, re/im)
+        spectra = xt.new_empty(lh, fw, 2, mb)
+        torch.add(cs[0, :, :, 0], cs[1, :, :, 1], out=spectra[:, :, 0])  # Re = Σ cos·Re + sin·Im
+        torch.sub(cs[0, :, :, 1], cs[1, :, :, 0], out=spectra[:, :, 1])  # Im = Σ cos·Im - sin·Re
+        if self.blocks is None:
+            self.blocks = xt.new_zeros(lh * fw + pl.num_rows_terms * fw + pl.num_cols_terms * fh, 2 * m, 2 * m)
+        main, rows, cols = self.blocks.split([lh * fw, pl.num_rows_terms * fw, pl.num_cols_terms * fh])
+        spectra = spectra.view(lh * fw, 2 * m, b)
+        main.baddbmm_(spectra, spectra.transpose(1, 2))
+        if pl.num_rows_terms:
+            lines = fx.index_select(0, pl.row_lines).view(2, -1, 2 * m, b)  # (2, R·fw, 2m, b)
+            rows.baddbmm_(lines[0], lines[1].transpose(1, 2))
+        if pl.num_cols_terms:  # the border columns, their half spectra along y, the pairs of them
+            lines = xt.transpose(0, 1).index_select(0, pl.col_lines)  # (lines, y, a, a', c, b)
+            spectra = torch.bmm(pl.dft_c[self.dtype].expand(lines.shape[0], -1, -1), lines.view(-1, yl, mb))
+            spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, 2 * m, b)  # (2, Q·fh, 2m, b)
+            cols.baddbmm_(spectra[0], spectra[1].transpose(1, 2))
+        if pl.num_corners:
+            points = xt.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
+            self.corners = _add_product(self.corners, points[0], points[1])
+
+    def _dft_spectra(self) -> None:
+        """main, rows, cols as complex (·, m, m) from the real blocks [[Σ Ar Brᵀ, Σ Ar Biᵀ], [Σ Ai Brᵀ, Σ Ai Biᵀ]]:
+        Re Σ A Bᴴ = Σ Ar Brᵀ + Σ Ai Biᵀ, Im = Σ Ai Brᵀ - Σ Ar Biᵀ."""
+        pl, m, g = self.plan, self.plan.m, self.blocks
+        spectra = torch.complex(g[:, :m, :m] + g[:, m:, m:], g[:, m:, :m] - g[:, :m, m:])
+        self.main, self.rows, self.cols = spectra.split(
+            [pl.lh * pl.fw, pl.num_rows_terms * pl.fw, pl.num_cols_terms * pl.fh])
+
     def gram(self) -> torch.Tensor:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
         pl = self.plan
+        if pl.dft:
+            self._dft_spectra()
         mm, ix = pl.m * pl.m, pl.inverse_x[self.dtype]
 
         def at_lags(table: torch.Tensor, spectra: torch.Tensor, bins: int) -> torch.Tensor:
