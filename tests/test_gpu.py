@@ -64,7 +64,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize('stem,batch,size', [
-    ((3, 16, 7, 2, 3), 8, 24),  # shifted Gram, n×n system
+    ((3, 16, 7, 2, 3), 8, 12),  # shifted Gram, n×n system
     ((3, 16, 7, 2, 3), 8, 64),  # spectral Gram (FFTs, batched products, sparse term combination)
     ((3, 16, 4, 4, 0), 8, 32),  # patch embed: unfold Gram
     ((3, 16, 16, 16, 0), 1, 32),  # N = 4 < n = 768: the Woodbury system
@@ -85,7 +85,7 @@ def test_no_host_device_sync_in_a_training_step(stem, batch, size):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize('size,offset', [(24, 0.5), (64, 0.5), (64, 200.0)])  # shifted, spectral; far from mean 0
+@pytest.mark.parametrize('size,offset', [(12, 0.5), (64, 0.5), (64, 200.0)])  # shifted, spectral; far from mean 0
 def test_cuda_result_matches_float64_reference(size, offset):
     torch.manual_seed(0)
     layer = TrActConv2d(3, 16, 7, stride=2, padding=3).cuda()

@@ -132,13 +132,18 @@ def test_spectral_border_terms_of_zero_padding_lines_are_left_out_exactly(monkey
     assert float((gram - expected).abs().max() / expected.abs().max()) <= 1e-11
 
 
-def test_the_rule_takes_the_spectral_path_for_the_resnet_stem_from_32_px():
+def test_the_rule_takes_the_spectral_path_for_the_resnet_stem_from_16_px():
     geom = TF.conv_geometry((64, 3, 7, 7), 2, 3)
     budget = TF._chunk_elements(torch.device('cpu'), torch.float32)
     paths = {size: TF._gram_path(geom, (8, 3, size, size), size + 6, size + 6, torch.device('cpu'), budget)
-             for size in (24, 32, 64, 224, 1024)}
+             for size in (12, 16, 24, 32, 64, 224, 1024)}
     # 1024: accumulator too big
-    assert paths == {24: 'shifted', 32: 'spectral', 64: 'spectral', 224: 'spectral', 1024: 'shifted'}
+    assert paths == {12: 'shifted', 16: 'spectral', 24: 'spectral', 32: 'spectral', 64: 'spectral', 224: 'spectral',
+                     1024: 'shifted'}
+    # the cost model sees the border terms of the zero padding's lines left out: with reflect padding (no zero lines)
+    # 16 px stays on the shifted path
+    reflect = TF.conv_geometry((64, 3, 7, 7), 2, 3, padding_mode='reflect')
+    assert TF._gram_path(reflect, (8, 3, 16, 16), 22, 22, torch.device('cpu'), budget) == 'shifted'
     patch_embed = TF.conv_geometry((64, 3, 16, 16), 16, 0)
     assert TF._gram_path(patch_embed, (8, 3, 224, 224), 224, 224, torch.device('cpu'), budget) == 'unfold'
 

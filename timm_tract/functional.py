@@ -276,9 +276,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     if path == 'rows':
         out = x.new_empty((g, num_rows, n), dtype=dtype)
     elif path == 'spectral':
-        left, _, top, _ = geom.pad  # zero padding holds zeros; other modes copy the input (data up to h × w)
-        data = (top, x.shape[2], left, x.shape[3]) if geom.padding_mode == 'zeros' else (0, h, 0, w)
-        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, data)
+        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, _data_window(geom, x.shape))
         accumulator = _SpectralGram(plan, dtype)
         row_elements = accumulator.plan.image_elements / h_out  # whole images only (see `_SpectralPlan`)
     elif path == 'shifted':
@@ -423,7 +421,8 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
     else:
         other_macs = batch * h_out * w_out * (chans * kh * kw) ** 2
     if plain and (kh > sh or kw > sw) and -(-kh // sh) * -(-kw // sw) <= _SPECTRAL_MAX_TAP_GROUPS:
-        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h_pad, w_pad, torch.device('meta'))
+        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h_pad, w_pad, torch.device('meta'),
+                              _data_window(geom, x_shape))
         spectral_macs = batch * plan.product_macs
         if (max(plan.accumulator_elements, _SPECTRAL_MIN_IMAGES * plan.image_elements) <= _SPECTRAL_BUDGETS * budget
                 and _SPECTRAL_RATE_FACTOR * spectral_macs + _SPECTRAL_FIXED_MACS < other_macs):
@@ -593,6 +592,15 @@ def _dft_tables(xl: int, lw: int, yl: int, lh: int, device: torch.device
     tables = (torch.stack([tx.cos(), -tx.sin()], 1).flatten(0, 1), torch.cat([ty.cos(), ty.sin()]),
               torch.stack([tc.cos(), -tc.sin()], 1).flatten(0, 1))
     return tuple({torch.float32: t.to(device, torch.float32), torch.float64: t.to(device)} for t in tables)
+
+
+def _data_window(geom: ConvGeometry, x_shape: Sequence[int]) -> Tuple[int, int, int, int]:
+    """(top, rows, left, columns): where the padded input of x (B, C, H, W) holds data. Zero padding holds zeros;
+    the other modes copy the input, so all of the padded input is data."""
+    left, right, top, bottom = geom.pad
+    if geom.padding_mode == 'zeros':
+        return top, x_shape[2], left, x_shape[3]
+    return 0, x_shape[2] + top + bottom, 0, x_shape[3] + left + right
 
 
 def _zero_phase_lines(start: int, count: int, stride: int, lines: int) -> FrozenSet[int]:
