@@ -401,11 +401,11 @@ def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: in
       group, at most `_SPECTRAL_MAX_TAP_GROUPS` tap groups, its accumulators and a chunk of `_SPECTRAL_MIN_IMAGES`
       images each fit `_SPECTRAL_BUDGETS` chunk budgets, and its cost model
       (`_SPECTRAL_RATE_FACTOR` × its multiply-adds + `_SPECTRAL_FIXED_MACS`, at a batch of `_PATH_BATCH` images so
-      the path does not change with the batch) is below the multiply-adds of the alternative (shifted, else
-      unfold): the ResNet 7×7/2 stem from about 28 px up (to about 420 px with the 8 MiB CPU budget), 3×3/1, 5×5/1
-      and 6×6/2 convs.
+      the path does not change with the batch; the plan's multiply-adds count without the border terms of the zero
+      padding's lines) is below the multiply-adds of the alternative (shifted, else unfold): the ResNet 7×7/2 stem
+      from 16 px up (to about 440 px with the 8 MiB CPU budget), 3×3/1 from 24 px, 5×5/1 and 6×6/2 convs.
     - 'shifted' (`_ShiftedGram`): overlap along the width, no dilation, one group, where 'spectral' is not chosen
-      (tiny images: the 7×7/2 stem below 28 px; 3×3/2 and 4×4/2 stems, whose overlap is small).
+      (tiny images: the 7×7/2 stem below 16 px; 3×3/2, 4×4/2 and 7×7/4 stems, whose overlap is small).
     - 'unfold': everything else (non-overlapping patch embeds, dilated or grouped convs): unfold + GEMM.
     """
     if device.type == 'meta':  # shapes only: the plain path (no cached plans on the meta device)
@@ -458,7 +458,8 @@ class _SpectralPlan:
     |du| < U_h, |dv| < U_w are ever used, so the correlations are inverse DFTs at those lags only (`inverse_x`,
     `inverse_y`, `inverse_c`: small matrices, each accumulated spectrum one product per dimension). Terms, in
     `selection`'s column order: C (Lh·Lw lags, L = 2U - 1), R (·Lw), K, Q (·Lh); `selection` (sparse CSR, ±1) maps
-    them to the blocks.
+    them to the blocks. With zero padding, border terms that read a phase line holding only padding are 0 and left
+    out, and the transforms start at the first data line (y0, x0) and cover yl × xl lines.
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
@@ -634,7 +635,8 @@ class _SpectralGram:
     batched product Σ_b A Bᴴ per term kind; the border points, gathered from the column lines, in one real batched
     product. `gram` turns the accumulated cross-power spectra into correlations at the used lags only (inverse DFTs
     as small products: x, then y), concatenates the terms, combines the terms of every tap pair with one sparse
-    product and gathers the (c, i, j) order.
+    product and gathers the (c, i, j) order. With `plan.dft` (short lengths on CPU) the transforms are products
+    instead (`_add_dft`), the same terms.
     """
 
     def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
