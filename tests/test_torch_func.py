@@ -31,9 +31,10 @@ def test_vmap_grad_over_inputs_equals_the_plain_model(models):
     assert torch.allclose(*per_input)
 
 
-def test_func_grad_of_the_parameters_is_the_tract_gradient(models):
+@pytest.mark.parametrize('size', [12, 16, 64])  # the stem's shifted path, spectral with DFT products, with FFTs
+def test_func_grad_of_the_parameters_is_the_tract_gradient(models, size):
     ours, _ = models
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, size, size)
     ours.zero_grad()
     ours(x).sum().backward()
     params = {k: v.detach() for k, v in ours.named_parameters()}

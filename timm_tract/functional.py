@@ -1165,16 +1165,18 @@ class _TrActWeightGrad(torch.autograd.Function):
 def _weight_grad(grad_w: torch.Tensor, x: torch.Tensor, geom: Optional[ConvGeometry], tract_lambda: float,
                  sync_gram: bool, lambda_mode: str) -> torch.Tensor:
     """The TrAct gradient from the ordinary one, grad_w (shape of the weight), and the layer input x."""
+    x = _without_grad_wrappers(x)
     n = grad_w[0].numel()  # C_in/groups·kh·kw (conv) or in_features (linear)
     num_rows = x[..., 0].numel() if geom is None else x.shape[0] * math.prod(_conv_out_size(x, geom))
     rows_form = num_rows < n and not sync_gram  # under sync_gram the n×n Gram is what the ranks all-reduce
     with _autocast_off(x.device.type):  # backward may run inside the caller's autocast region
-        if geom is None:
-            stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
-        else:
-            stats, num_rows = _conv_patch_stats(x, geom, keep_rows=rows_form)
-        if sync_gram:
-            stats, num_rows = _sync_gram(stats, num_rows)
+        with torch._C._DisableFuncTorch():  # plain tensors (see `_without_grad_wrappers`), not torch.func's
+            if geom is None:
+                stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
+            else:
+                stats, num_rows = _conv_patch_stats(x, geom, keep_rows=rows_form)
+            if sync_gram:
+                stats, num_rows = _sync_gram(stats, num_rows)
         return _precondition(grad_w, stats, num_rows, tract_lambda, rows_form, x, lambda_mode)
 
 
@@ -1196,6 +1198,16 @@ def _weight_grad_op(grad_w: torch.Tensor, x: torch.Tensor, geometry: List[int], 
 @_weight_grad_op.register_fake
 def _(grad_w, x, geometry, padding_mode, tract_lambda, sync_gram, lambda_mode):
     return grad_w.new_empty(grad_w.shape)
+
+
+def _without_grad_wrappers(t: torch.Tensor) -> torch.Tensor:
+    """t without torch.func's grad wrappers. In a backward run by `torch.func.grad` every new tensor is wrapped, and
+    the Gram plans' sparse product takes plain tensors only; the patch statistics are of the detached input anyway,
+    so `_weight_grad` computes them from the plain input with torch.func switched off."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def _is_vmapped(t: torch.Tensor) -> bool:
