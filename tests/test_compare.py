@@ -438,16 +438,22 @@ def _sleep_task(seconds: float, threads=None) -> dict:
 
 @pytest.mark.slow
 def test_parallel_results_arrive_as_each_run_finishes():
-    """`done` is called when a run finishes, not when all have: the short task is reported long before the long one."""
+    """`done` is called when a run finishes, not when all have: the short task is reported long before the long one.
+    `started` is called as each task is handed out: two at once, the third only when a worker is free."""
     import time
     from timm_tract.compare.runner import execute as _execute
 
     tasks = [{'index': 0, 'cost': 2., 'kwargs': {'seconds': 4.}}, {'index': 1, 'cost': 1., 'kwargs': {'seconds': 0.1}},
              {'index': 2, 'cost': 0.5, 'kwargs': {'seconds': 0.1}}]
-    arrived = {}
-    _execute(tasks, 2, 1, lambda task, result: arrived.setdefault(task['index'], (time.time(), result)), fn=_sleep_task)
+    arrived, events = {}, []
+
+    def done(task, result):
+        arrived.setdefault(task['index'], (time.time(), result))
+        events.append(('done', task['index']))
+    _execute(tasks, 2, 1, done, fn=_sleep_task, started=lambda task: events.append(('started', task['index'])))
     assert sorted(arrived) == [0, 1, 2] and arrived[0][1] == {'slept': 4., 'threads': 1}
     assert arrived[0][0] - arrived[2][0] > 2.  # tasks 1 and 2 ran on the second worker while task 0 slept
+    assert events == [('started', 0), ('started', 1), ('done', 1), ('started', 2), ('done', 2), ('done', 0)]
 
 
 def test_jobs_defaults():

@@ -57,18 +57,16 @@ def _start_and_stop(command: list, runs: Path, signum: int, group: bool):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline, seen = time.time() + 240, set()
-    # until a run has finished and another is in training (a log without its result). Waiting for both workers to be
-    # busy instead was missed once in CI: the whole compare ended first
+    # until a run has finished and both workers are training again. The compare creates a run's log when it hands the
+    # run out, so while both workers are busy the logs are every run started so far and no other can start until a
+    # run finishes (taking the logs right at a finish instead, with the worker creating its log, missed one in CI)
     while time.time() < deadline and proc.poll() is None:
         seen |= _descendants(proc.pid)
         if runs.is_dir():
             finished = [p for p in runs.glob('*-s*.json')]
-            if finished and len(list(runs.glob('*.log'))) > len(finished):
+            if finished and len(list(runs.glob('*.log'))) == len(finished) + 2:
                 break
         time.sleep(0.01)
-    # the finished run's worker may have its next run dispatched but not yet logged: give it time to log, so the logs
-    # at the signal are every run started before it (taken right at the finish, one was logged after: seen once in CI)
-    time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     seen |= _descendants(proc.pid)
     started = {p.name for p in runs.glob('*.log')}

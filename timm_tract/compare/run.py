@@ -188,6 +188,12 @@ def _plan(tasks: List[dict]) -> dict:
                                   for t in tasks}, default=str))
 
 
+def _create_log(task: dict) -> None:
+    """The run's log exists from the moment the run is handed out (the worker writes into it once it starts), so the
+    logs in runs/ are exactly the runs started so far."""
+    Path(task['kwargs']['log_path']).write_text('')
+
+
 def _write_json(path: Path, value) -> None:
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(json.dumps(value, indent=1))
@@ -355,7 +361,7 @@ def _run_comparison(args: argparse.Namespace, out_dir: Path, tasks: List[dict], 
     try:
         with stop_on_signals():
             if todo:
-                execute(todo, jobs, threads, done)
+                execute(todo, jobs, threads, done, started=_create_log)
     except BaseException as error:
         runs = [results[i] for i in sorted(results)]
         reason = _stop_reason(error)

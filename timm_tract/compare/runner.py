@@ -213,9 +213,10 @@ def resolve_jobs(jobs: Optional[int], device: str, n_runs: int) -> Tuple[int, Op
 
 
 def execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable[[dict, dict], None],
-            fn: Callable[..., dict] = run_one) -> None:
+            fn: Callable[..., dict] = run_one, started: Optional[Callable[[dict], None]] = None) -> None:
     """Run `fn(**task['kwargs'], threads=threads)` for every task, `jobs` at a time in spawned worker processes
-    (in this process when jobs == 1); call `done(task, result)` as each one finishes. Workers take the most
+    (in this process when jobs == 1); call `started(task)` in this process right before a task is handed out and
+    `done(task, result)` as each one finishes. Workers take the most
     expensive tasks ('cost') first, so they finish close together; a task is handed out only when a worker is free,
     so nothing is queued inside a worker.
 
@@ -224,6 +225,8 @@ def execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable
     here; `done` has been called for exactly the tasks that finished."""
     if jobs == 1:
         for task in tasks:
+            if started is not None:
+                started(task)
             done(task, fn(**task['kwargs'], threads=threads))
         return
     import multiprocessing
@@ -236,7 +239,7 @@ def execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable
     try:
         workers = [_Worker(ctx, threads, fn) for _ in range(min(jobs, len(tasks)))]
         for worker in workers:
-            _hand_out(worker, queue)
+            _hand_out(worker, queue, started)
         while any(w.task is not None for w in workers):
             busy = {w.conn: w for w in workers if w.task is not None}
             sentinels = {w.process.sentinel: w for w in busy.values()}
@@ -247,7 +250,7 @@ def execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable
                 task, result = worker.task, _receive(worker)
                 worker.task = None
                 done(task, result)
-                _hand_out(worker, queue)
+                _hand_out(worker, queue, started)
         finished = True
     finally:
         with _signals_ignored():
@@ -255,9 +258,11 @@ def execute(tasks: List[dict], jobs: int, threads: Optional[int], done: Callable
                 worker.stop(kill=not finished)
 
 
-def _hand_out(worker: _Worker, queue: List[dict]) -> None:
+def _hand_out(worker: _Worker, queue: List[dict], started: Optional[Callable[[dict], None]]) -> None:
     if queue:
         worker.task = queue.pop()
+        if started is not None:
+            started(worker.task)
         worker.conn.send(worker.task['kwargs'])
 
 
