@@ -332,39 +332,63 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
 
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
     padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
-    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t'], Q = U + (B/2)·c_c·MMᵀ[t, t'],
-    U = unfold(Σ_b x'_b)·Mᵀ (one image's unfold of `image_sum`, in the Gram's dtype: the centered values are small)
-    and MMᵀ cached per geometry; Q in float64, S and Sᵀ added as two multiply-adds (the second in place on the
-    transposed result). Inputs far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the
-    float32 parts only see the centered values."""
-    masks, mask_gram = _offset_mask(geom, tuple(size), image_sum.device)  # M (taps, L), MMᵀ (taps, taps)
-    mask = masks[image_sum.dtype]
-    taps = mask.shape[0]
-    u = _unfold_padded(image_sum[None], geom)[0] @ mask.T  # (n, taps)
-    q = torch.addcmul(u.view(-1, taps, taps), offset.view(-1, 1, 1), mask_gram, value=batch / 2)  # float64
-    n = u.shape[0]
-    q, c = q.view(n, 1, taps), offset.view(1, -1, 1)
-    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S
-    out.T.view(n, -1, taps).addcmul_(q, c)  # + Sᵀ
-    return out[None]
+    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t'], Q = U + (B/2)·c_c·MMᵀ[t, t'] and
+    U = unfold(Σ_b x'_b)·Mᵀ. M is separable (tap (i, j) at output (p, q) reads the image iff its row and its column
+    do), so U[(c, i, j), (i', j')] = (R_y s_c R_xᵀ)[(i, i'), (j, j')] for the image sum s = Σ_b x'_b (C, H, W) (in the
+    Gram's dtype: the centered values are small) and the line maps R of `_offset_lines`: two small products, no
+    unfold. Q in float64; S and Sᵀ added as two multiply-adds (the second in place on the transposed result). Inputs
+    far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 parts only see the
+    centered values."""
+    (kh, kw), chans = geom.kernel_size, image_sum.shape[0]
+    (rows_y, rows_x), mask_gram, pad = _offset_lines(geom, tuple(size), image_sum.device)
+    if pad:  # padding modes that copy the input: the maps read the padded image sum
+        image_sum = F.pad(image_sum[None], geom.pad, mode=geom.padding_mode)[0]
+    dtype, lines = image_sum.dtype, image_sum.shape[1]
+    u = torch.mm(image_sum.reshape(-1, image_sum.shape[2]), rows_x[dtype].T).view(chans, lines, kw * kw)
+    u = torch.bmm(rows_y[dtype].expand(chans, -1, -1), u)  # (C, (i, i'), (j, j'))
+    u = u.view(chans, kh, kh, kw, kw).transpose(2, 3)  # (C, i, j, i', j')
+    q = torch.addcmul(u, offset.view(-1, 1, 1, 1, 1), mask_gram, value=batch / 2)  # float64, (C, i, j, i', j')
+    # S[(c, i, j), (c', i', j')] = Q[(c, i, j), (i', j')]·c_c': the Gram and its transpose viewed (C, kh, kw) × (C, kh, kw)
+    q, c, blocks = q.unsqueeze(3), offset.view(1, 1, 1, -1, 1, 1), (chans, kh, kw) * 2
+    out = torch.addcmul(gram[0].view(blocks), q, c)  # X'ᵀX' + S
+    out.view(chans * kh * kw, -1).T.view(blocks).addcmul_(q, c)  # + Sᵀ
+    return out.view(1, chans * kh * kw, -1)
 
 
-def _unfold_padded(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """F.unfold of x (B, C, H, W) padded as `geom` pads it: (B, C·kh·kw, L); symmetric zero padding in the unfold."""
-    left, right, top, bottom = geom.pad
-    if geom.padding_mode == 'zeros' and left == right and top == bottom:
-        return F.unfold(x, geom.kernel_size, dilation=geom.dilation, padding=(top, left), stride=geom.stride)
-    mode = 'constant' if geom.padding_mode == 'zeros' else geom.padding_mode
-    return F.unfold(F.pad(x, geom.pad, mode=mode), geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+def _tap_lines(kernel: int, stride: int, dilation: int, before: int, after: int, length: int, zeros: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Along one dimension of a conv input of `length` lines padded by (`before`, `after`): R (kernel², lines) with
+    R[(i, i'), y] = Σ_p [tap i of output p reads line y]·M[i', p], and M (kernel, outputs) (1 where tap i' of output
+    p reads the input, not zero padding; always 1 unless `zeros`). With `zeros` the lines are the input's (padding
+    is zeros), else the padded input's. float64."""
+    outputs = (length + before + after - dilation * (kernel - 1) - 1) // stride + 1
+    line = stride * torch.arange(outputs)[None, :] + dilation * torch.arange(kernel)[:, None]  # (kernel, outputs)
+    lines = length + before + after
+    if zeros:
+        line, lines = line - before, length
+    reads = (line >= 0) & (line < lines)
+    mask = reads.to(torch.float64) if zeros else torch.ones(kernel, outputs, dtype=torch.float64)
+    one_hot = torch.zeros(kernel, outputs, lines, dtype=torch.float64)
+    i, p = reads.nonzero(as_tuple=True)
+    one_hot[i, p, line[i, p]] = 1.0
+    return (one_hot[:, None] * mask[None, :, :, None]).sum(2).reshape(kernel * kernel, lines), mask
 
 
 @functools.lru_cache(maxsize=64)
-def _offset_mask(geom: ConvGeometry, size: Tuple[int, int], device: torch.device
-                 ) -> Tuple[Dict[torch.dtype, torch.Tensor], torch.Tensor]:
-    """M (kh·kw, L) of one image of `size` (1 where a tap reads the image) in float32 and float64, and MMᵀ
-    (kh·kw, kh·kw) in float64."""
-    mask = _unfold_padded(torch.ones((1, 1) + size, dtype=torch.float64, device=device), geom)[0]
-    return {torch.float32: mask.float(), torch.float64: mask}, mask @ mask.T
+def _offset_lines(geom: ConvGeometry, size: Tuple[int, int], device: torch.device
+                  ) -> Tuple[Tuple[Dict[torch.dtype, torch.Tensor], ...], torch.Tensor, bool]:
+    """The maps of `_restore_offset` for an input of `size` (H, W): (R_y, R_x) (`_tap_lines`, float32 and float64),
+    MMᵀ (kh, kw, kh, kw) in float64 (MMᵀ[(i, j), (i', j')] = (M_y M_yᵀ)[i, i']·(M_x M_xᵀ)[j, j']), and whether they
+    read the padded image (padding modes other than zeros)."""
+    left, right, top, bottom = geom.pad
+    zeros = geom.padding_mode == 'zeros'
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    rows_y, mask_y = _tap_lines(kh, sh, dh, top, bottom, size[0], zeros)
+    rows_x, mask_x = _tap_lines(kw, sw, dw, left, right, size[1], zeros)
+    gram_y, gram_x = ((m[:, None] * m[None]).sum(2) for m in (mask_y, mask_x))  # M Mᵀ along each dimension
+    mask_gram = (gram_y[:, None, :, None] * gram_x[None, :, None, :]).to(device)
+    maps = tuple({dtype: r.to(device, dtype) for dtype in (torch.float32, torch.float64)} for r in (rows_y, rows_x))
+    return maps, mask_gram, not zeros
 
 
 def _uses_shifted_gram(geom: ConvGeometry) -> bool:
@@ -494,8 +518,8 @@ class _SpectralPlan:
         self.image_elements = m * (self.lh * self.lw + 4 * self.lh * self.fw + 4 * len(rows) * self.fw
                                    + len(col_lines) * (self.lh + 2 * self.fh) + 4 * len(cols) * self.fh
                                    + 2 * self.num_corners)
-        if self.dft:  # padded input and its transpose, x-spectra, both y-products and the 2-D spectra, border lines
-            self.image_elements = m * (2 * self.yl * self.xl + 2 * self.yl * self.fw + 6 * self.lh * self.fw
+        if self.dft:  # padded input and its transpose, x-spectra, the 2-D spectra, border lines
+            self.image_elements = m * (2 * self.yl * self.xl + 2 * self.yl * self.fw + 2 * self.lh * self.fw
                                        + 4 * len(rows) * self.fw + len(col_lines) * (self.yl + 2 * self.fh)
                                        + 4 * len(cols) * self.fh + 2 * self.num_corners)
         if device.type == 'meta':  # `_gram_path` only needs the sizes
@@ -510,10 +534,10 @@ class _SpectralPlan:
         self.col_lines = index([x - x0 for x in col_lines])
         self.col_pairs = index([line[x + dv] for x, dv in cols] + [line[x] for x, _ in cols])
         # corner (y, du, x, dv): points (y + du, x + dv) and (y, x), flat indices: (line, y - y0) into the lines;
-        # with `dft` (y - y0, x - x0) into the phase images
+        # with `dft` (x - x0, y - y0) into the transposed phase images
         points = [(y + du, x + dv) for y, du, x, dv in corners] + [(y, x) for y, _, x, _ in corners]
         if self.dft:
-            self.corner_points = index([(y - y0) * self.xl + x - x0 for y, x in points])
+            self.corner_points = index([(x - x0) * self.yl + y - y0 for y, x in points])
         else:
             self.corner_points = index([line[x] * self.lh + y - y0 for y, x in points])
         pairs = (self.uh * self.uw) ** 2
@@ -541,15 +565,16 @@ class _SpectralPlan:
 
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
-        entries (tap pair, term index, ±1); term indices: C lags (du, dv) at (du + U_h - 1)·Lw + dv + U_w - 1, then
-        R_y (dv), then the corners, then Q_x (du). Terms that read a zero line (`zero_rows`, `zero_cols`) are 0 and
+        entries (tap pair, term index, ±1); term indices: C lags (du, dv) at (du + U_h - 1)·Lw + dv + U_w - 1
+        (`dft`: at (dv + U_w - 1)·Lh + du + U_h - 1), then R_y (dv), then the corners, then Q_x (du). Terms that read a zero line (`zero_rows`, `zero_cols`) are 0 and
         left out."""
         uh, uw, ho, wo, hp, wp = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp
         lh_lags, lw_lags = 2 * uh - 1, 2 * uw - 1
         rows, cols, corners, raw = {}, {}, {}, []
         for pair, (u, v, u2, v2) in enumerate(itertools.product(range(uh), range(uw), range(uh), range(uw))):
             du, dv = u - u2, v - v2
-            raw.append((pair, 'main', (du + uh - 1) * lw_lags + dv + uw - 1, 1.0))
+            lag = (dv + uw - 1) * lh_lags + du + uh - 1 if self.dft else (du + uh - 1) * lw_lags + dv + uw - 1
+            raw.append((pair, 'main', lag, 1.0))
             ys = [y for y in list(range(u2)) + list(range(u2 + ho, hp))
                   if 0 <= y + du < hp and not {y, y + du} & self.zero_rows]
             xs = [x for x in list(range(v2)) + list(range(v2 + wo, wp))
@@ -582,15 +607,18 @@ def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> 
 
 
 def _dft_tables(xl: int, lw: int, yl: int, lh: int, device: torch.device
-                ) -> Tuple[Dict[torch.dtype, torch.Tensor], ...]:
+               ) -> Tuple[Dict[torch.dtype, torch.Tensor], ...]:
     """Real DFT matrices of `_SpectralGram._add_dft`, float32 and float64, θ = 2π·f·t/length:
     along x (2·fw, xl), rows (f, re/im) = (cos θ, -sin θ): the half spectrum of xl samples;
-    along y (2·lh, yl), rows (cos, sin) then f: the cos and sin sums of the x-spectra's parts;
+    along y (2·lh, 2·yl), rows (f, re/im), columns (re/im, t): the complex DFT of the x-spectra, [Re; Im] out of
+    [[cos θ, sin θ], [-sin θ, cos θ]] [Re; Im] in (e^{-iθ}(a + ib) = a cos θ + b sin θ + i(b cos θ - a sin θ));
     along the columns (2·fh, yl), rows (f, re/im), half spectrum."""
     def table(bins: int, samples: int, length: int) -> torch.Tensor:
         return 2 * math.pi * torch.arange(bins, dtype=torch.float64)[:, None] * torch.arange(samples) / length
     tx, ty, tc = table(lw // 2 + 1, xl, lw), table(lh, yl, lh), table(lh // 2 + 1, yl, lh)
-    tables = (torch.stack([tx.cos(), -tx.sin()], 1).flatten(0, 1), torch.cat([ty.cos(), ty.sin()]),
+    cos_y, sin_y = ty.cos(), ty.sin()
+    along_y = torch.stack([torch.stack([cos_y, sin_y], 1), torch.stack([-sin_y, cos_y], 1)], 1)  # (f, out, in, t)
+    tables = (torch.stack([tx.cos(), -tx.sin()], 1).flatten(0, 1), along_y.reshape(2 * lh, 2 * yl),
               torch.stack([tc.cos(), -tc.sin()], 1).flatten(0, 1))
     return tuple({torch.float32: t.to(device, torch.float32), torch.float64: t.to(device)} for t in tables)
 
@@ -695,29 +723,28 @@ class _SpectralGram:
             self.corners = _add_product(self.corners, points[0], points[1])
 
     def _add_dft(self, phases: torch.Tensor) -> None:
-        """`add` with DFT products: the phase images (b, C, yl, sh, xl, sw) transposed once to (y, x, k, b), k =
-        (a, a', c), the batch last; the x-spectra (y, x-bin, re/im, k, b) one product, the 2-D spectra two (the cos
-        and sin sums along y) and two adds, (y-bin, x-bin, re/im, k, b): every spectrum [Re; Im] is a real (2m, b)
-        matrix, and Σ_b [Ar; Ai][Br; Bi]ᵀ holds Re and Im of Σ_b A Bᴴ (`_dft_spectra`). No complex copies."""
+        """`add` with DFT products: the phase images (b, C, yl, sh, xl, sw) transposed once to (x, y, k, b), k =
+        (a, a', c), the batch last; the x-spectra (x-bin, re/im, y, k, b) one product; the 2-D spectra
+        (x-bin, y-bin, re/im, k, b) one batched product over the x-bins (the complex DFT along y as a real
+        (2·lh, 2·yl) matrix). Every spectrum [Re; Im] is then a real (2m, b) matrix, and Σ_b [Ar; Ai][Br; Bi]ᵀ holds
+        Re and Im of Σ_b A Bᴴ (`_dft_spectra`). No complex copies, no combination of partial sums."""
         pl = self.plan
         b, m, yl, xl, lh, fw, fh = phases.shape[0], pl.m, pl.yl, pl.xl, pl.lh, pl.fw, pl.fh
         mb = m * b
-        xt = phases.permute(2, 4, 3, 5, 1, 0).contiguous()  # (y, x, a, a', c, b)
-        fx = torch.bmm(pl.dft_x[self.dtype].expand(yl, -1, -1), xt.view(yl, xl, mb))  # (y, x-bin·re/im, k·b)
-        cs = torch.mm(pl.dft_y[self.dtype], fx.view(yl, -1)).view(2, lh, fw, 2, mb)  # (cos/sin, y-bin, x-bin, re/im)
-        spectra = xt.new_empty(lh, fw, 2, mb)
-        torch.add(cs[0, :, :, 0], cs[1, :, :, 1], out=spectra[:, :, 0])  # Re = Σ cos·Re + sin·Im
-        torch.sub(cs[0, :, :, 1], cs[1, :, :, 0], out=spectra[:, :, 1])  # Im = Σ cos·Im - sin·Re
+        xt = phases.permute(4, 2, 3, 5, 1, 0).contiguous()  # (x, y, a, a', c, b)
+        fx = torch.mm(pl.dft_x[self.dtype], xt.view(xl, -1)).view(fw, 2 * yl, mb)  # (x-bin, re/im·y, k·b)
+        spectra = torch.bmm(pl.dft_y[self.dtype].expand(fw, -1, -1), fx)  # (x-bin, y-bin·re/im, k·b)
         if self.blocks is None:
             self.blocks = xt.new_zeros(lh * fw + pl.num_rows_terms * fw + pl.num_cols_terms * fh, 2 * m, 2 * m)
         main, rows, cols = self.blocks.split([lh * fw, pl.num_rows_terms * fw, pl.num_cols_terms * fh])
-        spectra = spectra.view(lh * fw, 2 * m, b)
+        spectra = spectra.view(fw * lh, 2 * m, b)
         main.baddbmm_(spectra, spectra.transpose(1, 2))
-        if pl.num_rows_terms:
-            lines = fx.index_select(0, pl.row_lines).view(2, -1, 2 * m, b)  # (2, R·fw, 2m, b)
+        if pl.num_rows_terms:  # per line and x-bin [Re; Im] (2m, b): the x-spectra's lines, y first
+            lines = fx.view(fw, 2, yl, mb).permute(2, 0, 1, 3).index_select(0, pl.row_lines)  # (2R, fw, re/im, k·b)
+            lines = lines.view(2, -1, 2 * m, b)
             rows.baddbmm_(lines[0], lines[1].transpose(1, 2))
         if pl.num_cols_terms:  # the border columns, their half spectra along y, the pairs of them
-            lines = xt.transpose(0, 1).index_select(0, pl.col_lines)  # (lines, y, a, a', c, b)
+            lines = xt.index_select(0, pl.col_lines)  # (lines, y, a, a', c, b)
             spectra = torch.bmm(pl.dft_c[self.dtype].expand(lines.shape[0], -1, -1), lines.view(-1, yl, mb))
             spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, 2 * m, b)  # (2, Q·fh, 2m, b)
             cols.baddbmm_(spectra[0], spectra[1].transpose(1, 2))
@@ -744,9 +771,13 @@ class _SpectralGram:
             """Inverse DFT of each (bins, m²) spectrum at the table's lags: (count, lags, m²), complex."""
             spectra = spectra.view(-1, bins, mm)
             return torch.bmm(table.expand(spectra.shape[0], -1, -1), spectra)
-        # correlations at the used lags: inverse DFTs as products, x first (batched over the y bins), then y
-        main = torch.mm(pl.inverse_y[self.dtype], at_lags(ix, self.main, pl.fw).view(pl.lh, -1))  # (Lh, Lw·m²)
-        terms = [main.real.reshape(-1, mm)]  # a view: (Lh·Lw, m²)
+        # correlations at the used lags: inverse DFTs as products, x first (batched over the y bins), then y (`dft`:
+        # the spectra are x-bin first, so y first, then x)
+        if pl.dft:
+            main = torch.mm(ix, at_lags(pl.inverse_y[self.dtype], self.main, pl.lh).view(pl.fw, -1))  # (Lw, Lh·m²)
+        else:
+            main = torch.mm(pl.inverse_y[self.dtype], at_lags(ix, self.main, pl.fw).view(pl.lh, -1))  # (Lh, Lw·m²)
+        terms = [main.real.reshape(-1, mm)]  # a view: (Lh·Lw, m²), `dft`: (Lw·Lh, m²)
         if pl.num_rows_terms:
             terms.append(at_lags(ix, self.rows, pl.fw).real.reshape(-1, mm))  # (R·Lw, m²)
         if pl.num_corners:
