@@ -348,7 +348,7 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
     u = torch.bmm(rows_y[dtype].expand(chans, -1, -1), u)  # (C, (i, i'), (j, j'))
     u = u.view(chans, kh, kh, kw, kw).transpose(2, 3)  # (C, i, j, i', j')
     q = torch.addcmul(u, offset.view(-1, 1, 1, 1, 1), mask_gram, value=batch / 2)  # float64, (C, i, j, i', j')
-    # S[(c, i, j), (c', i', j')] = Q[(c, i, j), (i', j')]·c_c': the Gram and its transpose viewed (C, kh, kw) × (C, kh, kw)
+    # S[(c, i, j), (c', i', j')] = Q[(c, i, j), (i', j')]·c_c': the Gram and its transpose as (C, kh, kw) × (C, kh, kw)
     q, c, blocks = q.unsqueeze(3), offset.view(1, 1, 1, -1, 1, 1), (chans, kh, kw) * 2
     out = torch.addcmul(gram[0].view(blocks), q, c)  # X'ᵀX' + S
     out.view(chans * kh * kw, -1).T.view(blocks).addcmul_(q, c)  # + Sᵀ
@@ -566,8 +566,8 @@ class _SpectralPlan:
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
         entries (tap pair, term index, ±1); term indices: C lags (du, dv) at (du + U_h - 1)·Lw + dv + U_w - 1
-        (`dft`: at (dv + U_w - 1)·Lh + du + U_h - 1), then R_y (dv), then the corners, then Q_x (du). Terms that read a zero line (`zero_rows`, `zero_cols`) are 0 and
-        left out."""
+        (`dft`: at (dv + U_w - 1)·Lh + du + U_h - 1), then R_y (dv), then the corners, then Q_x (du). Terms that
+        read a zero line (`zero_rows`, `zero_cols`) are 0 and left out."""
         uh, uw, ho, wo, hp, wp = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp
         lh_lags, lw_lags = 2 * uh - 1, 2 * uw - 1
         rows, cols, corners, raw = {}, {}, {}, []
