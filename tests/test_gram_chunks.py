@@ -196,10 +196,10 @@ def test_spectral_chunks_hold_at_least_four_images(budget, monkeypatch, transfor
         products = 4  # per chunk: the 2-D spectra, the border rows, the border columns, the border points
         assert seen.calls['bmm'] == products + inverse_dfts + restore  # the first chunk's
         assert seen.calls['baddbmm_'] == 2 * products  # two more chunks
-    else:  # per chunk: 2-D spectra and column spectra (bmm; the x-spectra are an mm), main, rows, columns into zeroed
-        # blocks, points
-        assert seen.calls['bmm'] == 3 * 2 + 1 + inverse_dfts + restore
-        assert seen.calls['baddbmm_'] == 3 * 3 + 2
+    else:  # per chunk: 2-D spectra and column spectra (bmm; the x-spectra are an mm), main, rows, columns, points;
+        # the first chunk writes the products (bmm), the other two add to them (baddbmm_)
+        assert seen.calls['bmm'] == 3 * 2 + (3 + 1) + inverse_dfts + restore
+        assert seen.calls['baddbmm_'] == 2 * (3 + 1)
 
 
 @pytest.mark.parametrize('length,halved', [(24, True), (25, True), (24, False), (7, True)])

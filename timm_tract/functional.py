@@ -347,12 +347,14 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
     u = torch.mm(image_sum.reshape(-1, image_sum.shape[2]), rows_x[dtype].T).view(chans, lines, kw * kw)
     u = torch.bmm(rows_y[dtype].expand(chans, -1, -1), u)  # (C, (i, i'), (j, j'))
     u = u.view(chans, kh, kh, kw, kw).transpose(2, 3)  # (C, i, j, i', j')
-    q = torch.addcmul(u, offset.view(-1, 1, 1, 1, 1), mask_gram, value=batch / 2)  # float64, (C, i, j, i', j')
-    # S[(c, i, j), (c', i', j')] = Q[(c, i, j), (i', j')]·c_c': the Gram and its transpose as (C, kh, kw) × (C, kh, kw)
-    q, c, blocks = q.unsqueeze(3), offset.view(1, 1, 1, -1, 1, 1), (chans, kh, kw) * 2
-    out = torch.addcmul(gram[0].view(blocks), q, c)  # X'ᵀX' + S
-    out.view(chans * kh * kw, -1).T.view(blocks).addcmul_(q, c)  # + Sᵀ
-    return out.view(1, chans * kh * kw, -1)
+    taps = kh * kw
+    n = chans * taps
+    q = u.new_empty((chans, kh, kw, kh, kw), dtype=torch.float64)  # Q, float64, (c, i, j) × (i', j') contiguous
+    torch.addcmul(u, offset.view(-1, 1, 1, 1, 1), mask_gram, value=batch / 2, out=q)
+    q, c = q.view(n, 1, taps), offset.view(1, -1, 1)  # S[(c, t), (c', t')] = Q[(c, t), t']·c_c'
+    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S
+    out.T.view(n, -1, taps).addcmul_(q, c)  # + Sᵀ
+    return out[None]
 
 
 def _tap_lines(kernel: int, stride: int, dilation: int, before: int, after: int, length: int, zeros: bool
@@ -734,20 +736,21 @@ class _SpectralGram:
         xt = phases.permute(4, 2, 3, 5, 1, 0).contiguous()  # (x, y, a, a', c, b)
         fx = torch.mm(pl.dft_x[self.dtype], xt.view(xl, -1)).view(fw, 2 * yl, mb)  # (x-bin, re/im·y, k·b)
         spectra = torch.bmm(pl.dft_y[self.dtype].expand(fw, -1, -1), fx)  # (x-bin, y-bin·re/im, k·b)
-        if self.blocks is None:
-            self.blocks = xt.new_zeros(lh * fw + pl.num_rows_terms * fw + pl.num_cols_terms * fh, 2 * m, 2 * m)
+        first = self.blocks is None  # the first chunk writes the blocks (no zero fill), the others add to them
+        if first:
+            self.blocks = xt.new_empty(lh * fw + pl.num_rows_terms * fw + pl.num_cols_terms * fh, 2 * m, 2 * m)
         main, rows, cols = self.blocks.split([lh * fw, pl.num_rows_terms * fw, pl.num_cols_terms * fh])
         spectra = spectra.view(fw * lh, 2 * m, b)
-        main.baddbmm_(spectra, spectra.transpose(1, 2))
+        _product_into(main, spectra, spectra, first)
         if pl.num_rows_terms:  # per line and x-bin [Re; Im] (2m, b): the x-spectra's lines, y first
             lines = fx.view(fw, 2, yl, mb).permute(2, 0, 1, 3).index_select(0, pl.row_lines)  # (2R, fw, re/im, k·b)
             lines = lines.view(2, -1, 2 * m, b)
-            rows.baddbmm_(lines[0], lines[1].transpose(1, 2))
+            _product_into(rows, lines[0], lines[1], first)
         if pl.num_cols_terms:  # the border columns, their half spectra along y, the pairs of them
             lines = xt.index_select(0, pl.col_lines)  # (lines, y, a, a', c, b)
             spectra = torch.bmm(pl.dft_c[self.dtype].expand(lines.shape[0], -1, -1), lines.view(-1, yl, mb))
             spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, 2 * m, b)  # (2, Q·fh, 2m, b)
-            cols.baddbmm_(spectra[0], spectra[1].transpose(1, 2))
+            _product_into(cols, spectra[0], spectra[1], first)
         if pl.num_corners:
             points = xt.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
             self.corners = _add_product(self.corners, points[0], points[1])
@@ -787,6 +790,15 @@ class _SpectralGram:
         blocks = pl.selection[self.dtype] @ torch.cat(terms)  # (tap pairs, m·m)
         n = math.isqrt(pl.order.numel())
         return blocks.view(-1).index_select(0, pl.order).view(n, n)
+
+
+def _product_into(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
+    """acc = left @ rightᵀ (batched) when `first`, else acc += left @ rightᵀ; acc a contiguous slice of the
+    accumulator."""
+    if first:
+        torch.bmm(left, right.transpose(1, 2), out=acc)
+    else:
+        acc.baddbmm_(left, right.transpose(1, 2))
 
 
 def _add_product(acc: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
