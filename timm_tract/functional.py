@@ -290,16 +290,17 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     images_per_chunk = max(_SPECTRAL_MIN_IMAGES if path == 'spectral' else 1, int(budget // per_image))
     rows_per_band = h_out if per_image <= budget or path == 'spectral' else max(1, int(budget // row_elements))
     # Grams of one group up to n = _FLOAT64_SOLVE_MAX_N: accumulated from the input minus a per-channel constant c
-    # (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`)
+    # (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`) from the batch sum Σ_b x_b: one
+    # pass over the input gives the sum and B·c (its mean over the pixels)
     center = path != 'rows' and g == 1 and n <= _FLOAT64_SOLVE_MAX_N
-    offset = x.mean(dim=(0, 2, 3), dtype=dtype) if center else None  # (C,), c
-    image_sum = None
+    if center:
+        image_sum = x.sum(0, dtype=dtype)  # (C, H, W)
+        offset_sum = image_sum.mean(dim=(1, 2)).view(-1, 1, 1)  # (C, 1, 1), B·c
     row = 0
     for b0 in range(0, batch, images_per_chunk):
         xb = x[b0:b0 + images_per_chunk].to(dtype=dtype, memory_format=torch.contiguous_format)
         if center:
-            xb = xb - offset.view(-1, 1, 1)
-            image_sum = xb.sum(0) if image_sum is None else image_sum.add_(xb.sum(0))
+            xb = torch.sub(xb, offset_sum, alpha=1 / batch)
         if path == 'spectral':
             accumulator.add(xb, geom.pad, pad_mode)  # pads (and crops) in one op
             continue
@@ -322,23 +323,24 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
         return out, num_rows
     gram = accumulator.gram()[None] if accumulator is not None else _mirror_gram(out)
     if center:
-        gram = _restore_offset(gram, image_sum, offset, batch, geom, x.shape[2:])
+        gram = _restore_offset(gram, image_sum, offset_sum.view(-1), batch, geom, x.shape[2:])
     return gram, num_rows
 
 
-def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.Tensor, batch: int,
+def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset_sum: torch.Tensor, batch: int,
                     geom: ConvGeometry, size: Tuple[int, int]) -> torch.Tensor:
     """XᵀX (1, n, n) in float64 from the Gram X'ᵀX' of the centered input x' = x - c (c per channel).
 
     With zero padding X = X' + M̃, M̃[row, (c, t)] = c_c·M[row, t] (M: 1 where tap t of the row reads the image, not
     padding; other padding modes copy the input, so M = 1), hence XᵀX = X'ᵀX' + X'ᵀM̃ + M̃ᵀX' + M̃ᵀM̃ = X'ᵀX' + S + Sᵀ
-    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t'], Q = U + (B/2)·c_c·MMᵀ[t, t'] and
-    U = unfold(Σ_b x'_b)·Mᵀ. M is separable (tap (i, j) at output (p, q) reads the image iff its row and its column
-    do), so U[(c, i, j), (i', j')] = (R_y s_c R_xᵀ)[(i, i'), (j, j')] for the image sum s = Σ_b x'_b (C, H, W) (in the
-    Gram's dtype: the centered values are small) and the line maps R of `_offset_lines`: two small products, no
-    unfold. Q in float64; S and Sᵀ added as two multiply-adds (the second in place on the transposed result). Inputs
-    far from zero mean (raw [0, 255] pixels, constant images) keep their accuracy: the float32 parts only see the
-    centered values."""
+    with S = X'ᵀM̃ + M̃ᵀM̃/2, S[(c, t), (c', t')] = c_c'·Q[(c, t), t']. With U = unfold(Σ_b x_b)·Mᵀ (the uncentered
+    batch sum `image_sum`; unfold(1) = M, so X'ᵀM̃ = c_c'·(U - B·c_c·MMᵀ)), Q = U - (B/2)·c_c·MMᵀ[t, t']. M is
+    separable (tap (i, j) at output (p, q) reads the image iff its row and its column do), so
+    U[(c, i, j), (i', j')] = (R_y s_c R_xᵀ)[(i, i'), (j, j')] for s = Σ_b x_b (C, H, W) (in the Gram's dtype) and the
+    line maps R of `_offset_lines`: two small products, no unfold. `offset_sum` (C,) is B·c. Q in float64; S and Sᵀ
+    added as two multiply-adds (the second in place on the transposed result). Inputs far from zero mean (raw
+    [0, 255] pixels, constant images) keep their accuracy: the float32 Gram only sees the centered values, and the
+    offset terms carry float32's relative precision of XᵀX, not of the small centered part."""
     (kh, kw), chans = geom.kernel_size, image_sum.shape[0]
     (rows_y, rows_x), mask_gram, pad = _offset_lines(geom, tuple(size), image_sum.device)
     if pad:  # padding modes that copy the input: the maps read the padded image sum
@@ -350,10 +352,11 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset: torch.T
     taps = kh * kw
     n = chans * taps
     q = u.new_empty((chans, kh, kw, kh, kw), dtype=torch.float64)  # Q, float64, (c, i, j) × (i', j') contiguous
-    torch.addcmul(u, offset.view(-1, 1, 1, 1, 1), mask_gram, value=batch / 2, out=q)
-    q, c = q.view(n, 1, taps), offset.view(1, -1, 1)  # S[(c, t), (c', t')] = Q[(c, t), t']·c_c'
-    out = torch.addcmul(gram[0].view(n, -1, taps), q, c).view(n, n)  # X'ᵀX' + S
-    out.T.view(n, -1, taps).addcmul_(q, c)  # + Sᵀ
+    torch.addcmul(u, offset_sum.view(-1, 1, 1, 1, 1), mask_gram, value=-0.5, out=q)  # (B/2)·c_c = B·c_c / 2
+    # S[(c, t), (c', t')] = Q[(c, t), t']·c_c', c_c' = (B·c_c') / B
+    q, c = q.view(n, 1, taps), offset_sum.view(1, -1, 1)
+    out = torch.addcmul(gram[0].view(n, -1, taps), q, c, value=1 / batch).view(n, n)  # X'ᵀX' + S
+    out.T.view(n, -1, taps).addcmul_(q, c, value=1 / batch)  # + Sᵀ
     return out[None]
 
 
