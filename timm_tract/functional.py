@@ -352,7 +352,7 @@ def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset_sum: tor
     taps = kh * kw
     n = chans * taps
     q = u.new_empty((chans, kh, kw, kh, kw), dtype=torch.float64)  # Q, float64, (c, i, j) × (i', j') contiguous
-    torch.addcmul(u, offset_sum.view(-1, 1, 1, 1, 1), mask_gram, value=-0.5, out=q)  # (B/2)·c_c = B·c_c / 2
+    torch.addcmul(u, offset_sum.view(-1, 1, 1, 1, 1), mask_gram, value=-0.5, out=q)  # Q = U - (B·c_c / 2)·MMᵀ
     # S[(c, t), (c', t')] = Q[(c, t), t']·c_c', c_c' = (B·c_c') / B
     q, c = q.view(n, 1, taps), offset_sum.view(1, -1, 1)
     out = torch.addcmul(gram[0].view(n, -1, taps), q, c, value=1 / batch).view(n, n)  # X'ᵀX' + S
@@ -612,7 +612,7 @@ def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> 
 
 
 def _dft_tables(xl: int, lw: int, yl: int, lh: int, device: torch.device
-               ) -> Tuple[Dict[torch.dtype, torch.Tensor], ...]:
+                ) -> Tuple[Dict[torch.dtype, torch.Tensor], ...]:
     """Real DFT matrices of `_SpectralGram._add_dft`, float32 and float64, θ = 2π·f·t/length:
     along x (2·fw, xl), rows (f, re/im) = (cos θ, -sin θ): the half spectrum of xl samples;
     along y (2·lh, 2·yl), rows (f, re/im), columns (re/im, t): the complex DFT of the x-spectra, [Re; Im] out of
