@@ -148,13 +148,20 @@ def test_cpu_autocast_against_float64_reference(amp_dtype, tol):
 
 # --- inputs far from zero mean: [0, 255] pixels, constant images; the error names the case ---
 
-@pytest.mark.parametrize('make', [lambda dt: TrActConv2d(3, 8, 7, stride=2, padding=3, dtype=dt),
-                                  lambda dt: TrActConv2d(3, 8, 3, stride=1, padding=1, dtype=dt),
-                                  lambda dt: TrActLinear(48, 8, dtype=dt)], ids=['stem_7x7s2', 'conv_3x3', 'linear'])
+@pytest.mark.parametrize('make', [
+    lambda dt: TrActConv2d(3, 8, 7, stride=2, padding=3, dtype=dt),
+    lambda dt: TrActConv2d(3, 8, 3, stride=1, padding=1, dtype=dt),
+    lambda dt: TrActConv2d(3, 8, 7, stride=2, padding=3, padding_mode='reflect', dtype=dt),
+    lambda dt: TrActConv2d(3, 8, 3, stride=1, padding=1, padding_mode='circular', dtype=dt),
+    lambda dt: TrActConv2d(3, 8, 4, stride=4, dtype=dt),
+    lambda dt: TrActConv2d(3, 8, 3, stride=1, padding=2, dilation=2, dtype=dt),
+    lambda dt: TrActLinear(48, 8, dtype=dt)],
+    ids=['stem_7x7s2', 'conv_3x3', 'stem_reflect', 'conv_3x3_circular', 'patchify_4x4', 'dilated_3x3', 'linear'])
 @pytest.mark.parametrize('size', [32, 64])
 def test_0_255_pixels_against_float64_reference(make, size):
     """Raw [0, 255] pixels at λ = 0.1: the float32 TrAct gradient within 5e-4 of the float64 one (the n×n system is
-    solved in float64; 40% off before)."""
+    solved in float64; 40% off before), on every Gram path and for padding modes that copy the input (the Gram
+    restore's other branch)."""
     torch.manual_seed(0)
     layer, ref = make(torch.float32), make(torch.float64)
     ref.load_state_dict(layer.state_dict())
