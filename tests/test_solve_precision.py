@@ -175,6 +175,28 @@ def test_0_255_pixels_against_float64_reference(make, size):
     assert _rel(layer.weight.grad, ref.weight.grad) <= 5e-4
 
 
+@pytest.mark.parametrize('offset,dtype,centered', [
+    (0.0, torch.float32, False), (0.2, torch.float32, False), (0.3, torch.float32, True),
+    (128.0, torch.float32, True), (0.0, torch.float64, False), (0.3, torch.float64, True),
+    (128.0, torch.float16, True)])
+def test_only_batches_far_from_zero_mean_are_centered(offset, dtype, centered):
+    """CPU: the Gram is accumulated from the centered input and restored in float64 exactly when some channel's
+    mean² exceeds 1/16 of its variance (std 1: |mean| > 0.25, here one channel of three); a standardized batch
+    takes the Gram of the raw values in its own dtype. Both within rounding of the float64 unfold product (float16
+    [0, 255]-scale values: squares summed in float32, not overflowed)."""
+    from timm_tract import functional as TF
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    x[:, 1] += offset
+    geom = TF.conv_geometry((8, 3, 7, 7), stride=2, padding=3)
+    gram, _ = TF.patch_gram(x.to(dtype), geom)
+    assert gram.dtype == (torch.float64 if centered or dtype == torch.float64 else torch.float32)
+    rows = F.unfold(x.to(dtype).double(), 7, padding=3, stride=2).transpose(1, 2).reshape(-1, 147)
+    expected = rows.T @ rows
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert ((gram[0].double() - expected).abs().max() / expected.abs().max()).item() <= tol
+
+
 @pytest.mark.parametrize('size', [16, 32, 64])
 @pytest.mark.parametrize('value', [255.0, 1000.0])
 def test_constant_images_against_float64_reference(size, value):

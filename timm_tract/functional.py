@@ -289,10 +289,11 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     per_image = row_elements * h_out
     images_per_chunk = max(_SPECTRAL_MIN_IMAGES if path == 'spectral' else 1, int(budget // per_image))
     rows_per_band = h_out if per_image <= budget or path == 'spectral' else max(1, int(budget // row_elements))
-    # Grams of one group up to n = _FLOAT64_SOLVE_MAX_N: accumulated from the input minus a per-channel constant c
-    # (its batch mean), the uncentered Gram restored in float64 (`_restore_offset`) from the batch sum Σ_b x_b: one
-    # pass over the input gives the sum and B·c (its mean over the pixels)
-    center = path != 'rows' and g == 1 and n <= _FLOAT64_SOLVE_MAX_N
+    # Grams of one group up to n = _FLOAT64_SOLVE_MAX_N of inputs far from zero mean (`_far_from_zero_mean`):
+    # accumulated from the input minus a per-channel constant c (its batch mean), the uncentered Gram restored in
+    # float64 (`_restore_offset`) from the batch sum Σ_b x_b: one pass over the input gives the sum and B·c (its mean
+    # over the pixels)
+    center = path != 'rows' and g == 1 and n <= _FLOAT64_SOLVE_MAX_N and _far_from_zero_mean(x, budget)
     if center:
         image_sum = x.sum(0, dtype=dtype)  # (C, H, W)
         offset_sum = image_sum.mean(dim=(1, 2)).view(-1, 1, 1)  # (C, 1, 1), B·c
@@ -325,6 +326,33 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     if center:
         gram = _restore_offset(gram, image_sum, offset_sum.view(-1), batch, geom, x.shape[2:])
     return gram, num_rows
+
+
+# a batch is centered unless every channel's mean² is at most this fraction of its variance
+_CENTER_MEAN_SQ_RATIO = 1 / 16
+
+
+def _far_from_zero_mean(x: torch.Tensor, budget: int) -> bool:
+    """Whether the Gram of x (B, C, H, W) is accumulated from the centered input (`_restore_offset`).
+
+    The float32 Gram's rounding grows with mean² + variance of the entries; centering keeps it at the variance's.
+    A batch whose every channel has mean² ≤ variance/16 (standardized inputs: timm's mean/std normalization) loses at
+    most 1/16 of that to the raw values, so on CPU it skips the centering and the restore (about 15% of the Gram at
+    32 px). The squares are summed a chunk of images at a time (`budget` elements). Accelerators always center: the
+    check would make the host wait for the device. NaN/Inf: not centered; the factorization reports them."""
+    if x.device.type != 'cpu':
+        return True
+    dims, images = (0, 2, 3), max(1, budget // max(1, x[0].numel()))
+    sums = x.sum(dims, dtype=_gram_dtype(x.dtype)).tolist()
+    squares = [0.0] * x.shape[1]
+    for b0 in range(0, x.shape[0], images):
+        chunk = x[b0:b0 + images]
+        chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()  # fp16 squares overflow
+        squares = [a + b for a, b in zip(squares, chunk.square().sum(dims).tolist())]
+    count = x.numel() // x.shape[1]
+    # per channel, s1 = Σx, s2 = Σx²: mean² > r·(E[x²] - mean²)  <=>  (1 + r)·s1² > r·count·s2
+    ratio = _CENTER_MEAN_SQ_RATIO
+    return any((1 + ratio) * s1 * s1 > ratio * count * s2 for s1, s2 in zip(sums, squares))
 
 
 def _restore_offset(gram: torch.Tensor, image_sum: torch.Tensor, offset_sum: torch.Tensor, batch: int,
@@ -506,10 +534,14 @@ class _SpectralPlan:
         # the FFTs see the phase lines from the first to the last one that is not zero: y0 .. y0 + extent - 1
         self.y0, self.yl = _data_extent(self.zero_rows, self.hp)
         self.x0, self.xl = _data_extent(self.zero_cols, self.wp)
+        # the shortest lengths at which the used lags do not alias: yl + U_h - 1, xl + U_w - 1
         self.lh, self.lw = _fft_size(self.yl + self.uh - 1), _fft_size(self.xl + self.uw - 1)
-        self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
-        # short lengths on CPU: the transforms are DFT products (`_SpectralGram._add_dft`), not FFTs
+        # short lengths on CPU: the transforms are DFT products (`_SpectralGram._add_dft`), not FFTs, of the shortest
+        # lengths (no fast FFT sizes needed: fewer bins to multiply)
         self.dft = data is not None and device.type == 'cpu' and max(self.lh, self.lw) <= _DFT_MAX_LENGTH
+        if self.dft:
+            self.lh, self.lw = self.yl + self.uh - 1, self.xl + self.uw - 1
+        self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
         rows, cols, corners, entries = self._terms()
         col_lines = sorted({x for x, _ in cols} | {x + dv for x, dv in cols})  # the border columns' lines
         self.num_rows_terms, self.num_cols_terms, self.num_corners = len(rows), len(cols), len(corners)
