@@ -226,9 +226,12 @@ OP_COUNT_LAYERS = {  # name: (TrActConv2d args, kwargs)
 }
 
 
-def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes: int = None) -> dict:
-    """aten ops of `loss.backward()` through one TrAct layer of OP_COUNT_LAYERS (CPU, float32), in the steady state
-    (after one warm-up backward); `chunk_bytes` sets the Gram chunk budget (None: the default).
+def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes: int = None,
+                       as_accelerator: bool = True) -> dict:
+    """aten ops of `loss.backward()` through one TrAct layer of OP_COUNT_LAYERS (CPU, float32, a standardized batch),
+    in the steady state (after one warm-up backward); `chunk_bytes` sets the Gram chunk budget (None: the default);
+    `as_accelerator`: with the accelerators' centering decision (always centered), else the CPU's own (a standardized
+    batch is not centered; see `timm_tract.functional._far_from_zero_mean`).
     Returns {'total', 'non_view', 'plain_total', 'plain_non_view'}."""
     from timm_tract import TrActConv2d, functional as TF
 
@@ -238,6 +241,9 @@ def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes
     x = torch.randn(batch, args[0], size, size)
     counts = {}
     TF.set_gram_chunk_bytes(chunk_bytes)
+    decide = TF._far_from_zero_mean
+    if as_accelerator:
+        TF._far_from_zero_mean = lambda x, budget: True
     try:
         for key, module in (('', layer), ('plain_', torch.nn.Conv2d(*args, **kwargs))):
             module(x).sum().backward()  # warm-up: the first backward of a geometry builds its cached Gram plan
@@ -248,6 +254,7 @@ def count_backward_ops(layer_name: str, batch: int, size: int = 224, chunk_bytes
             del loss
     finally:
         TF.set_gram_chunk_bytes(None)
+        TF._far_from_zero_mean = decide
     return counts
 
 
