@@ -130,3 +130,43 @@ def test_sync_gram_with_few_uneven_rows_per_rank_matches_float64_global_referenc
     assert torch.equal(grads[0], grads[1])
     expected = _oracle_global(kind).reshape(grads[0].shape)
     assert ((grads[0] - expected).norm() / expected.norm()) <= 1e-10
+
+
+# --- sync_gram in float32 with one rank's batch far from zero mean: every rank's Gram is the same kind ---
+
+def _mixed_mean_data(rank: int):
+    """A standardized batch on rank 0, one far from zero mean on rank 1 (the CPU centers only that one when alone)."""
+    gen = torch.Generator().manual_seed(20 + rank)
+    x = torch.randn(2, 3, 16, 16, generator=gen) + 3.0 * rank
+    return x, torch.randn(2, 4, 8, 8, generator=gen)
+
+
+def _mixed_mean_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(apply_tract(nn.Sequential(nn.Conv2d(3, 4, 7, stride=2, padding=3)),
+                                                    sync_gram=True))
+        x, gy = _mixed_mean_data(rank)
+        (model(x) * gy).sum().backward()
+        torch.save(model.module[0].weight.grad.detach().clone(), os.path.join(out_dir, f'grad{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_gram_float32_with_ranks_on_both_sides_of_the_centering_rule(tmp_path):
+    """float32, rank 1's batch far from zero mean, rank 0's not: under sync_gram both center (a local decision would
+    all-reduce a float64 Gram against a float32 one: gloo aborts), and the gradient is the global one."""
+    mp.spawn(_mixed_mean_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=WORLD, join=True)
+    grads = [torch.load(tmp_path / f'grad{r}.pt') for r in range(WORLD)]
+    assert torch.equal(grads[0], grads[1])
+    rows, outs = [], []
+    for rank in range(WORLD):
+        x, gy = _mixed_mean_data(rank)
+        rows.append(nn.functional.unfold(x.double(), 7, padding=3, stride=2).transpose(1, 2).reshape(-1, 147))
+        outs.append(gy.double().permute(0, 2, 3, 1).reshape(-1, 4))
+    x, g = torch.cat(rows), torch.cat(outs)
+    a = x.T @ x / x.shape[0] + 0.1 * torch.eye(147, dtype=torch.float64)
+    expected = ((g.T @ x @ torch.linalg.inv(a)) / WORLD).reshape(grads[0].shape)
+    assert ((grads[0].double() - expected).norm() / expected.norm()) <= 1e-4

@@ -248,8 +248,12 @@ def _mirror_gram(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> Tuple[torch.Tensor, int]:
+def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool, same_on_every_rank: bool = False
+                      ) -> Tuple[torch.Tensor, int]:
     """Patch statistics of a conv input x (B, C, H, W).
+
+    `same_on_every_rank` (`sync_gram`): the centering does not depend on the local batch (where it applies, always),
+    so every rank's Gram has the dtype and the value the all-reduce sums.
 
     Returns (S, N): N = B·H_out·W_out patch rows; S = XᵀX (groups, n, n) summed over rows, in float32 (float64 for
     float64 input), accumulated one bounded chunk of images/rows at a time; or, with `keep_rows`, the patch matrix X
@@ -293,7 +297,8 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool) -> T
     # accumulated from the input minus a per-channel constant c (its batch mean), the uncentered Gram restored in
     # float64 (`_restore_offset`) from the batch sum Σ_b x_b: one pass over the input gives the sum and B·c (its mean
     # over the pixels)
-    center = path != 'rows' and g == 1 and n <= _FLOAT64_SOLVE_MAX_N and _far_from_zero_mean(x, budget)
+    center = (path != 'rows' and g == 1 and n <= _FLOAT64_SOLVE_MAX_N
+              and (same_on_every_rank or _far_from_zero_mean(x, budget)))
     if center:
         image_sum = x.sum(0, dtype=dtype)  # (C, H, W)
         offset_sum = image_sum.mean(dim=(1, 2)).view(-1, 1, 1)  # (C, 1, 1), B·c
@@ -1276,7 +1281,7 @@ def _weight_grad(grad_w: torch.Tensor, x: torch.Tensor, geom: Optional[ConvGeome
             if geom is None:
                 stats, num_rows = _linear_patch_stats(x, keep_rows=rows_form)
             else:
-                stats, num_rows = _conv_patch_stats(x, geom, keep_rows=rows_form)
+                stats, num_rows = _conv_patch_stats(x, geom, keep_rows=rows_form, same_on_every_rank=sync_gram)
             if sync_gram:
                 stats, num_rows = _sync_gram(stats, num_rows)
         return _precondition(grad_w, stats, num_rows, tract_lambda, rows_form, x, lambda_mode)
