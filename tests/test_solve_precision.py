@@ -210,7 +210,9 @@ def test_constant_images_against_float64_reference(size, value):
     gy = torch.randn(4, 4, size // 2, size // 2, dtype=torch.float64)
     (ref(x.double()) * gy).sum().backward()
     (layer(x) * gy.float()).sum().backward()
-    assert _rel(ref.weight.grad, _oracle(x, gy, ref.weight.shape, 0.1, stride=2, padding=3)) <= 1e-8
+    # float64 against float64: rounding times the system's condition number (about value²·n/λ, 1.5e9 at 1000), which
+    # bounds the oracle's own error too (2-3e-8 seen on an Intel Xeon at 1000, below 1e-8 on an AMD EPYC)
+    assert _rel(ref.weight.grad, _oracle(x, gy, ref.weight.shape, 0.1, stride=2, padding=3)) <= 1e-6
     assert _rel(layer.weight.grad, ref.weight.grad) <= 1e-4
 
 

@@ -280,7 +280,8 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool, same
     if path == 'rows':
         out = x.new_empty((g, num_rows, n), dtype=dtype)
     elif path == 'spectral':
-        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, _data_window(geom, x.shape))
+        plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, _data_window(geom, x.shape),
+                              _dft_max_length(batch))
         accumulator = _SpectralGram(plan, dtype)
         row_elements = accumulator.plan.image_elements / h_out  # whole images only (see `_SpectralPlan`)
     elif path == 'shifted':
@@ -450,9 +451,18 @@ _PATH_BATCH = 32  # the batch the cost model is evaluated at
 # at most this many tap groups U_h·U_w (its plan has (U_h·U_w)² blocks): 7×7/2 (16), 5×5/1 and 9×9/2 (25)
 _SPECTRAL_MAX_TAP_GROUPS = 25
 # transform lengths up to this on CPU: DFT products instead of FFTs (there the FFTs' strided complex copies cost more
-# than the transforms; 1-thread CPU, ResNet stem: about 0.65x the FFT version at 32 px, about equal at 64 px;
-# accelerators keep the FFTs, which take fewer kernels)
-_DFT_MAX_LENGTH = 32
+# than the transforms; 1-thread CPU, B=32: the ResNet stem's Gram 0.4-0.8x the FFT version's time at 32-112 px
+# (lengths 20-60), 0.88x at 128 px (length 68), where the dense transforms' L² grows; 3×3/1, 5×5/1, 6×6/2, 9×9/2
+# convs 0.45-0.85x; accelerators keep the FFTs, which take fewer kernels). Batches of fewer than `_DFT_MIN_BATCH`
+# images: up to half the length (the stem at 64 px: about equal at B=8, 1.2-1.4x the FFTs' time at B=4; at 32 px
+# about equal).
+_DFT_MAX_LENGTH = 64
+_DFT_MIN_BATCH = 16
+
+
+def _dft_max_length(batch: int) -> int:
+    """The longest transform a batch of `batch` images takes as DFT products on CPU (`_SpectralPlan.dft`)."""
+    return _DFT_MAX_LENGTH if batch >= _DFT_MIN_BATCH else _DFT_MAX_LENGTH // 2
 
 
 def _gram_path(geom: ConvGeometry, x_shape: Sequence[int], h_pad: int, w_pad: int, device: torch.device,
@@ -525,7 +535,7 @@ class _SpectralPlan:
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
-                 device: torch.device, data: Optional[Tuple[int, int, int, int]] = None):
+                 device: torch.device, data: Optional[Tuple[int, int, int, int]] = None, dft_max_length: int = 0):
         (kh, kw), (sh, sw) = kernel_size, stride
         self.chans, self.sh, self.sw = chans, sh, sw
         self.uh, self.uw = -(-kh // sh), -(-kw // sw)
@@ -539,11 +549,11 @@ class _SpectralPlan:
         # the FFTs see the phase lines from the first to the last one that is not zero: y0 .. y0 + extent - 1
         self.y0, self.yl = _data_extent(self.zero_rows, self.hp)
         self.x0, self.xl = _data_extent(self.zero_cols, self.wp)
-        # the shortest lengths at which the used lags do not alias: yl + U_h - 1, xl + U_w - 1
+        # the used lags do not alias at lengths >= yl + U_h - 1, xl + U_w - 1; FFTs take the next fast size
         self.lh, self.lw = _fft_size(self.yl + self.uh - 1), _fft_size(self.xl + self.uw - 1)
         # short lengths on CPU: the transforms are DFT products (`_SpectralGram._add_dft`), not FFTs, of the shortest
-        # lengths (no fast FFT sizes needed: fewer bins to multiply)
-        self.dft = data is not None and device.type == 'cpu' and max(self.lh, self.lw) <= _DFT_MAX_LENGTH
+        # alias-free lengths (no fast FFT sizes needed: fewer bins to multiply)
+        self.dft = data is not None and device.type == 'cpu' and max(self.lh, self.lw) <= dft_max_length
         if self.dft:
             self.lh, self.lw = self.yl + self.uh - 1, self.xl + self.uw - 1
         self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
@@ -689,10 +699,11 @@ def _data_extent(zero_lines: FrozenSet[int], lines: int) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _spectral_plan(chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
-                   device: torch.device, data: Optional[Tuple[int, int, int, int]] = None) -> _SpectralPlan:
+                   device: torch.device, data: Optional[Tuple[int, int, int, int]] = None, dft_max_length: int = 0
+                   ) -> _SpectralPlan:
     """The cached `_SpectralPlan`; `data` (top, rows, left, columns): where the padded input holds data, not zero
-    padding (None: everywhere)."""
-    return _SpectralPlan(chans, kernel_size, stride, h_pad, w_pad, device, data)
+    padding (None: everywhere); `dft_max_length`: the longest transforms taken as DFT products on CPU (0: FFTs)."""
+    return _SpectralPlan(chans, kernel_size, stride, h_pad, w_pad, device, data, dft_max_length)
 
 
 class _SpectralGram:
