@@ -80,15 +80,13 @@ def _check_paths(monkeypatch, geometries, budget_elements=None):
         scale = expected.abs().max().clamp(min=1)
         for path in _applicable_paths(geom, x_shape):
             monkeypatch.setattr(TF, '_gram_path', lambda *a, p=path.split(':')[0]: p)
-            monkeypatch.setattr(TF, '_DFT_MAX_LENGTH', 0 if path == 'spectral:fft' else 10 ** 6)
-            TF._spectral_plan.cache_clear()  # plans made under the other setting
+            monkeypatch.setattr(TF, '_DFT_MAX_LENGTH', 0 if path == 'spectral:fft' else 10 ** 6)  # plans: per limit
             if budget_elements:
                 TF.set_gram_chunk_bytes(budget_elements * 8)
             try:
                 gram, rows = TF.patch_gram(x, geom)
             finally:
                 TF.set_gram_chunk_bytes(None)
-                TF._spectral_plan.cache_clear()
             assert rows == x_shape[0] * TF._conv_out_size(x, geom)[0] * TF._conv_out_size(x, geom)[1]
             err = float((gram - expected).abs().max() / scale)
             assert err <= 1e-11, (path, geom, x_shape, err)
