@@ -281,7 +281,7 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool, same
         out = x.new_empty((g, num_rows, n), dtype=dtype)
     elif path == 'spectral':
         plan = _spectral_plan(chans, geom.kernel_size, geom.stride, h, w, x.device, _data_window(geom, x.shape),
-                              _dft_max_length(batch))
+                              _dft_max_length(batch, x.device))
         accumulator = _SpectralGram(plan, dtype)
         row_elements = accumulator.plan.image_elements / h_out  # whole images only (see `_SpectralPlan`)
     elif path == 'shifted':
@@ -460,8 +460,11 @@ _DFT_MAX_LENGTH = 64
 _DFT_MIN_BATCH = 16
 
 
-def _dft_max_length(batch: int) -> int:
-    """The longest transform a batch of `batch` images takes as DFT products on CPU (`_SpectralPlan.dft`)."""
+def _dft_max_length(batch: int, device: torch.device) -> int:
+    """The longest transform a batch of `batch` images takes as DFT products (`_SpectralPlan.dft`): 0 (FFTs) off
+    the CPU, so an accelerator caches one plan per geometry whatever the batch."""
+    if device.type != 'cpu':
+        return 0
     return _DFT_MAX_LENGTH if batch >= _DFT_MIN_BATCH else _DFT_MAX_LENGTH // 2
 
 
@@ -553,7 +556,7 @@ class _SpectralPlan:
         self.lh, self.lw = _fft_size(self.yl + self.uh - 1), _fft_size(self.xl + self.uw - 1)
         # short lengths on CPU: the transforms are DFT products (`_SpectralGram._add_dft`), not FFTs, of the shortest
         # alias-free lengths (no fast FFT sizes needed: fewer bins to multiply)
-        self.dft = data is not None and device.type == 'cpu' and max(self.lh, self.lw) <= dft_max_length
+        self.dft = data is not None and max(self.lh, self.lw) <= dft_max_length
         if self.dft:
             self.lh, self.lw = self.yl + self.uh - 1, self.xl + self.uw - 1
         self.fh, self.fw = self.lh // 2 + 1, self.lw // 2 + 1
