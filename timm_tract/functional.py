@@ -533,8 +533,10 @@ class _SpectralPlan:
     |du| < U_h, |dv| < U_w are ever used, so the correlations are inverse DFTs at those lags only (`inverse_x`,
     `inverse_y`, `inverse_c`: small matrices, each accumulated spectrum one product per dimension). Terms, in
     `selection`'s column order: C (Lh·Lw lags, L = 2U - 1), R (·Lw), K, Q (·Lh); `selection` (sparse CSR, ±1) maps
-    them to the blocks. With zero padding, border terms that read a phase line holding only padding are 0 and left
-    out, and the transforms start at the first data line (y0, x0) and cover yl × xl lines.
+    them to the blocks of the pairs tap ≤ tap' ((u, v) row-major; XᵀX is symmetric: `order` reads the other blocks
+    transposed, so only the terms these pairs use are formed). With zero padding, border terms that read a phase line
+    holding only padding are 0 and left out, and the transforms start at the first data line (y0, x0) and cover
+    yl × xl lines.
     """
 
     def __init__(self, chans: int, kernel_size: Tuple[int, int], stride: Tuple[int, int], h_pad: int, w_pad: int,
@@ -595,7 +597,8 @@ class _SpectralPlan:
             self.corner_points = index([(x - x0) * self.yl + y - y0 for y, x in points])
         else:
             self.corner_points = index([line[x] * self.lh + y - y0 for y, x in points])
-        pairs = (self.uh * self.uw) ** 2
+        taps = self.uh * self.uw
+        pairs = taps * (taps + 1) // 2
         lh_lags, lw_lags = 2 * self.uh - 1, 2 * self.uw - 1
         num_terms = lh_lags * lw_lags + len(rows) * lw_lags + len(corners) + len(cols) * lh_lags
         selection = torch.sparse_coo_tensor(
@@ -605,18 +608,28 @@ class _SpectralPlan:
         with warnings.catch_warnings():  # "sparse CSR support is in beta": used here for one product only
             warnings.simplefilter('ignore', UserWarning)
             self.selection = {dtype: selection.to(dtype).to_sparse_csr() for dtype in (torch.float32, torch.float64)}
-        # Gram entry ((c, i, j), (c', i', j')) = block of taps ((u, v), (u', v')) at (k, k')
+        # Gram entry ((c, i, j), (c', i', j')) = block of taps ((u, v), (u', v')) at (k, k') for tap ≤ tap', else
+        # the transposed entry (k', k) of the block of (tap', tap)
         c, i, j = torch.arange(chans)[:, None, None], torch.arange(kh)[None, :, None], torch.arange(kw)[None, None, :]
         k = ((i % sh * sw + j % sw) * chans + c if self.dft else (c * sh + i % sh) * sw + j % sw).reshape(-1)
         tap = ((i // sh) * self.uw + j // sw).expand(chans, kh, kw).reshape(-1)
-        taps = self.uh * self.uw
-        self.order = ((tap[:, None] * taps + tap[None, :]) * m * m + k[:, None] * m + k[None, :]).reshape(-1).to(device)
+        upper = torch.full((taps, taps), -1, dtype=torch.long)
+        upper[tuple(torch.triu_indices(taps, taps))] = torch.arange(pairs)  # the pair order of `_terms`
+        swap = tap[:, None] > tap[None, :]
+        block = upper[torch.minimum(tap[:, None], tap[None, :]), torch.maximum(tap[:, None], tap[None, :])]
+        entry = torch.where(swap, k[None, :] * m + k[:, None], k[:, None] * m + k[None, :])
+        self.order = (block * m * m + entry).reshape(-1).to(device)
         # inverse DFTs at the used lags: along x from the rfft's half spectrum, along y, along the columns (halved)
         self.inverse_x = _inverse_dft(self.uw, self.lw, True, device)
         self.inverse_y = _inverse_dft(self.uh, self.lh, False, device)
         self.inverse_c = _inverse_dft(self.uh, self.lh, True, device)
+        # the terms' sizes in `selection`'s column order: C lags, R, K, Q
+        self.term_sizes = (lh_lags * lw_lags, len(rows) * lw_lags, len(corners), len(cols) * lh_lags)
         if self.dft:
             self.dft_x, self.dft_y, self.dft_c = _dft_tables(self.xl, self.lw, self.yl, self.lh, device)
+            self.real_inverse_x, self.real_inverse_c = (_real_inverse(t, False) for t in (self.inverse_x,
+                                                                                           self.inverse_c))
+            self.real_inverse_y = _real_inverse(self.inverse_y, True)
 
     def _terms(self):
         """Border-row terms (y, du), border-column terms (x, dv), corner terms (y, du, x, dv), and the selection
@@ -626,7 +639,9 @@ class _SpectralPlan:
         uh, uw, ho, wo, hp, wp = self.uh, self.uw, self.ho, self.wo, self.hp, self.wp
         lh_lags, lw_lags = 2 * uh - 1, 2 * uw - 1
         rows, cols, corners, raw = {}, {}, {}, []
-        for pair, (u, v, u2, v2) in enumerate(itertools.product(range(uh), range(uw), range(uh), range(uw))):
+        taps = [(u, v) for u in range(uh) for v in range(uw)]
+        upper = [(t, t2) for i, t in enumerate(taps) for t2 in taps[i:]]  # the Gram is symmetric: tap ≤ tap'
+        for pair, ((u, v), (u2, v2)) in enumerate(upper):
             du, dv = u - u2, v - v2
             lag = (dv + uw - 1) * lh_lags + du + uh - 1 if self.dft else (du + uh - 1) * lw_lags + dv + uw - 1
             raw.append((pair, 'main', lag, 1.0))
@@ -659,6 +674,17 @@ def _inverse_dft(lags: int, length: int, halved: bool, device: torch.device) -> 
     table = torch.exp(2j * math.pi * lag * torch.arange(bins, dtype=torch.float64) / length) * weight / length
     table = table.to(device)
     return {torch.float32: table.to(torch.complex64), torch.float64: table}
+
+
+def _real_inverse(table: Dict[torch.dtype, torch.Tensor], complex_out: bool) -> Dict[torch.dtype, torch.Tensor]:
+    """An `_inverse_dft` table E (lags, bins) as a real matrix acting on spectra laid out (bin, re/im) (rows of a
+    product), float32 and float64: (lags, 2·bins) giving Re(E S), or with `complex_out` (2·lags, 2·bins) giving
+    [Re; Im](E S), rows (re/im, lag)."""
+    er, ei = table[torch.float64].real, table[torch.float64].imag
+    real = torch.stack([er, -ei], -1).flatten(1)
+    if complex_out:
+        real = torch.cat([real, torch.stack([ei, er], -1).flatten(1)])
+    return {torch.float32: real.to(torch.float32), torch.float64: real}
 
 
 def _dft_tables(xl: int, lw: int, yl: int, lh: int, device: torch.device
@@ -730,6 +756,7 @@ class _SpectralGram:
         self.cols: Optional[torch.Tensor] = None  # (Q·fh, m, m) complex
         self.corners: Optional[torch.Tensor] = None  # (K, m, m)
         self.blocks: Optional[torch.Tensor] = None  # with `plan.dft`: main, rows, cols as real (·, 2m, 2m) blocks
+        self.terms: Optional[torch.Tensor] = None  # with `plan.dft`: (terms, m, m), the corners accumulated in place
 
     def _phase_images(self, x: torch.Tensor, pad: Tuple[int, int, int, int], pad_mode: str, lines: int,
                       length: int) -> torch.Tensor:
@@ -793,6 +820,7 @@ class _SpectralGram:
         first = self.blocks is None  # the first chunk writes the blocks (no zero fill), the others add to them
         if first:
             self.blocks = xt.new_empty(lh * fw + pl.num_rows_terms * fw + pl.num_cols_terms * fh, 2 * m, 2 * m)
+            self.terms = xt.new_empty(sum(pl.term_sizes), m, m)
         main, rows, cols = self.blocks.split([lh * fw, pl.num_rows_terms * fw, pl.num_cols_terms * fh])
         spectra = spectra.view(fw * lh, 2 * m, b)
         _product_into(main, spectra, spectra, first)
@@ -805,45 +833,63 @@ class _SpectralGram:
             spectra = torch.bmm(pl.dft_c[self.dtype].expand(lines.shape[0], -1, -1), lines.view(-1, yl, mb))
             spectra = spectra.index_select(0, pl.col_pairs).view(2, -1, 2 * m, b)  # (2, Q·fh, 2m, b)
             _product_into(cols, spectra[0], spectra[1], first)
-        if pl.num_corners:
+        if pl.num_corners:  # accumulated in their slice of the terms
             points = xt.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
-            self.corners = _add_product(self.corners, points[0], points[1])
+            corners = self.terms.narrow(0, sum(pl.term_sizes[:2]), pl.num_corners)
+            _product_into(corners, points[0], points[1], first)
 
-    def _dft_spectra(self) -> None:
-        """main, rows, cols as complex (·, m, m) from the real blocks [[Σ Ar Brᵀ, Σ Ar Biᵀ], [Σ Ai Brᵀ, Σ Ai Biᵀ]]:
-        Re Σ A Bᴴ = Σ Ar Brᵀ + Σ Ai Biᵀ, Im = Σ Ai Brᵀ - Σ Ar Biᵀ."""
+    def _dft_terms(self) -> torch.Tensor:
+        """The terms (`selection`'s columns) (terms, m²) from the real blocks [[Σ Ar Brᵀ, Σ Ar Biᵀ], [Σ Ai Brᵀ,
+        Σ Ai Biᵀ]], in real arithmetic: the spectra Re Σ A Bᴴ = Σ Ar Brᵀ + Σ Ai Biᵀ, Im = Σ Ai Brᵀ - Σ Ar Biᵀ
+        written (block, re/im, m, m), so that (bin, re/im) are the rows of the inverse DFTs' products
+        (`_real_inverse`), each written into its slice of the terms (no complex tensors, no concatenation)."""
         pl, m, g = self.plan, self.plan.m, self.blocks
-        spectra = torch.complex(g[:, :m, :m] + g[:, m:, m:], g[:, m:, :m] - g[:, :m, m:])
-        self.main, self.rows, self.cols = spectra.split(
-            [pl.lh * pl.fw, pl.num_rows_terms * pl.fw, pl.num_cols_terms * pl.fh])
+        mm, dtype = m * m, self.dtype
+        spectra = g.new_empty(g.shape[0], 2, m, m)
+        torch.add(g[:, :m, :m], g[:, m:, m:], out=spectra[:, 0])
+        torch.sub(g[:, m:, :m], g[:, :m, m:], out=spectra[:, 1])
+        main, rows, cols = spectra.split([pl.lh * pl.fw, pl.num_rows_terms * pl.fw, pl.num_cols_terms * pl.fh])
+        t_main, t_rows, _, t_cols = self.terms.split(pl.term_sizes)
+        lags_x, lags_y = 2 * pl.uw - 1, 2 * pl.uh - 1
+        ix = pl.real_inverse_x[dtype]
+        # main: along y (complex out, batched over the x bins), then along x (real part)
+        z = torch.bmm(pl.real_inverse_y[dtype].expand(pl.fw, -1, -1), main.view(pl.fw, 2 * pl.lh, mm))
+        torch.mm(ix, z.view(2 * pl.fw, -1), out=t_main.view(lags_x, -1))  # (Lw, Lh·m²)
+        if pl.num_rows_terms:
+            torch.bmm(ix.expand(pl.num_rows_terms, -1, -1), rows.view(-1, 2 * pl.fw, mm),
+                      out=t_rows.view(-1, lags_x, mm))  # (R, Lw, m²)
+        if pl.num_cols_terms:
+            torch.bmm(pl.real_inverse_c[dtype].expand(pl.num_cols_terms, -1, -1), cols.view(-1, 2 * pl.fh, mm),
+                      out=t_cols.view(-1, lags_y, mm))  # (Q, Lh, m²)
+        return self.terms.view(-1, mm)
 
     def gram(self) -> torch.Tensor:
         """The accumulated XᵀX (n, n), n = C·kh·kw in the weight's (c, i, j) order."""
         pl = self.plan
-        if pl.dft:
-            self._dft_spectra()
+        terms = self._dft_terms() if pl.dft else self._fft_terms()
+        blocks = pl.selection[self.dtype] @ terms  # (tap pairs tap ≤ tap', m·m)
+        n = math.isqrt(pl.order.numel())
+        return blocks.view(-1).index_select(0, pl.order).view(n, n)
+
+    def _fft_terms(self) -> torch.Tensor:
+        """The terms (`selection`'s columns) (terms, m²) from the accumulated cross-power spectra (complex)."""
+        pl = self.plan
         mm, ix = pl.m * pl.m, pl.inverse_x[self.dtype]
 
         def at_lags(table: torch.Tensor, spectra: torch.Tensor, bins: int) -> torch.Tensor:
             """Inverse DFT of each (bins, m²) spectrum at the table's lags: (count, lags, m²), complex."""
             spectra = spectra.view(-1, bins, mm)
             return torch.bmm(table.expand(spectra.shape[0], -1, -1), spectra)
-        # correlations at the used lags: inverse DFTs as products, x first (batched over the y bins), then y (`dft`:
-        # the spectra are x-bin first, so y first, then x)
-        if pl.dft:
-            main = torch.mm(ix, at_lags(pl.inverse_y[self.dtype], self.main, pl.lh).view(pl.fw, -1))  # (Lw, Lh·m²)
-        else:
-            main = torch.mm(pl.inverse_y[self.dtype], at_lags(ix, self.main, pl.fw).view(pl.lh, -1))  # (Lh, Lw·m²)
-        terms = [main.real.reshape(-1, mm)]  # a view: (Lh·Lw, m²), `dft`: (Lw·Lh, m²)
+        # correlations at the used lags: inverse DFTs as products, x first (batched over the y bins), then y
+        main = torch.mm(pl.inverse_y[self.dtype], at_lags(ix, self.main, pl.fw).view(pl.lh, -1))  # (Lh, Lw·m²)
+        terms = [main.real.reshape(-1, mm)]  # (Lh·Lw, m²)
         if pl.num_rows_terms:
             terms.append(at_lags(ix, self.rows, pl.fw).real.reshape(-1, mm))  # (R·Lw, m²)
         if pl.num_corners:
             terms.append(self.corners.view(-1, mm))
         if pl.num_cols_terms:
             terms.append(at_lags(pl.inverse_c[self.dtype], self.cols, pl.fh).real.reshape(-1, mm))  # (Q·Lh, m²)
-        blocks = pl.selection[self.dtype] @ torch.cat(terms)  # (tap pairs, m·m)
-        n = math.isqrt(pl.order.numel())
-        return blocks.view(-1).index_select(0, pl.order).view(n, n)
+        return torch.cat(terms)
 
 
 def _product_into(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
