@@ -197,6 +197,20 @@ def test_only_batches_far_from_zero_mean_are_centered(offset, dtype, centered):
     assert ((gram[0].double() - expected).abs().max() / expected.abs().max()).item() <= tol
 
 
+@pytest.mark.parametrize('images_per_chunk', [8, 3])
+@pytest.mark.parametrize('chans', [3, 16])  # squares summed as product diagonals (<= 8 channels) and by squaring
+@pytest.mark.parametrize('mean,centered', [(0.24, False), (0.26, True)])
+def test_the_centering_decision_weighs_mean_squared_against_variance(chans, mean, centered, images_per_chunk):
+    """A channel of variance 1 is centered once |mean| > 1/4 (mean² > variance/16), however the squares are summed and
+    whether the batch is one chunk or several."""
+    from timm_tract import functional as TF
+    torch.manual_seed(0)
+    x = torch.randn(8, chans, 16, 16, dtype=torch.float64)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True, unbiased=False)  # mean 0, variance 1
+    x[:, -1] += mean
+    assert TF._far_from_zero_mean(x.float(), images_per_chunk * x[0].numel()) is centered
+
+
 @pytest.mark.parametrize('size', [16, 32, 64])
 @pytest.mark.parametrize('value', [255.0, 1000.0])
 def test_constant_images_against_float64_reference(size, value):

@@ -336,6 +336,9 @@ def _conv_patch_stats(x: torch.Tensor, geom: ConvGeometry, keep_rows: bool, same
 
 # a batch is centered unless every channel's mean² is at most this fraction of its variance
 _CENTER_MEAN_SQ_RATIO = 1 / 16
+# inputs of up to this many channels sum their squares with one batched product (the diagonals of the per-image C × C
+# products: no squared copy of the input, 1.5-2x faster for RGB), wider ones square and sum
+_SQUARES_BY_PRODUCT_MAX_CHANNELS = 8
 
 
 def _far_from_zero_mean(x: torch.Tensor, budget: int) -> bool:
@@ -344,17 +347,23 @@ def _far_from_zero_mean(x: torch.Tensor, budget: int) -> bool:
     The float32 Gram's rounding grows with mean² + variance of the entries; centering keeps it at the variance's.
     A batch whose every channel has mean² ≤ variance/16 (standardized inputs: timm's mean/std normalization) loses at
     most 1/16 of that to the raw values, so on CPU it skips the centering and the restore (about 15% of the Gram at
-    32 px). The squares are summed a chunk of images at a time (`budget` elements). Accelerators always center: the
-    check would make the host wait for the device. NaN/Inf: not centered; the factorization reports them."""
+    32 px). The squares are summed a chunk of images at a time (`budget` elements; few channels: as the diagonals of
+    per-image products, see `_SQUARES_BY_PRODUCT_MAX_CHANNELS`). Accelerators always center: the check would make the
+    host wait for the device. NaN/Inf: not centered; the factorization reports them."""
     if x.device.type != 'cpu':
         return True
-    dims, images = (0, 2, 3), max(1, budget // max(1, x[0].numel()))
+    dims, images, chans = (0, 2, 3), max(1, budget // max(1, x[0].numel())), x.shape[1]
     sums = x.sum(dims, dtype=_gram_dtype(x.dtype)).tolist()
-    squares = [0.0] * x.shape[1]
+    squares = [0.0] * chans
     for b0 in range(0, x.shape[0], images):
         chunk = x[b0:b0 + images]
         chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()  # fp16 squares overflow
-        squares = [a + b for a, b in zip(squares, chunk.square().sum(dims).tolist())]
+        if chans <= _SQUARES_BY_PRODUCT_MAX_CHANNELS:
+            rows = chunk.reshape(chunk.shape[0], chans, -1)
+            chunk_squares = torch.bmm(rows, rows.transpose(1, 2)).diagonal(dim1=1, dim2=2).sum(0)
+        else:
+            chunk_squares = chunk.square().sum(dims)
+        squares = [a + b for a, b in zip(squares, chunk_squares.tolist())]
     count = x.numel() // x.shape[1]
     # per channel, s1 = Σx, s2 = Σx²: mean² > r·(E[x²] - mean²)  <=>  (1 + r)·s1² > r·count·s2
     ratio = _CENTER_MEAN_SQ_RATIO
