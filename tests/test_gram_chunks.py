@@ -188,13 +188,14 @@ def test_spectral_chunks_hold_at_least_four_images(budget, monkeypatch, transfor
     assert torch.allclose(gram[0], expected, rtol=1e-12, atol=1e-9)
     inverse_dfts = 3  # of the main, row and column terms
     restore = 0  # standardized input: not centered, no Gram restore (`_restore_offset`, one batched product)
+    decision = 9  # the centering decision sums the squares as product diagonals, one image a chunk at this budget
     if transform == 'fft':
         products = 4  # per chunk: the 2-D spectra, the border rows, the border columns, the border points
-        assert seen.calls['bmm'] == products + inverse_dfts + restore  # the first chunk's
+        assert seen.calls['bmm'] == products + inverse_dfts + restore + decision  # the first chunk's
         assert seen.calls['baddbmm_'] == 2 * products  # two more chunks
     else:  # per chunk: 2-D spectra and column spectra (bmm; the x-spectra are an mm), main, rows, columns, points;
         # the first chunk writes the products (bmm), the other two add to them (baddbmm_)
-        assert seen.calls['bmm'] == 3 * 2 + (3 + 1) + inverse_dfts + restore
+        assert seen.calls['bmm'] == 3 * 2 + (3 + 1) + inverse_dfts + restore + decision
         assert seen.calls['baddbmm_'] == 2 * (3 + 1)
 
 
