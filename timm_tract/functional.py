@@ -463,10 +463,10 @@ _SPECTRAL_MAX_TAP_GROUPS = 25
 # than the transforms; 1-thread CPU, B=32: the ResNet stem's Gram 0.4-0.8x the FFT version's time at 32-112 px
 # (lengths 20-60), 0.88x at 128 px (length 68), where the dense transforms' L² grows; 3×3/1, 5×5/1, 6×6/2, 9×9/2
 # convs 0.5-0.8x; accelerators keep the FFTs, which take fewer kernels). Batches of fewer than `_DFT_MIN_BATCH`
-# images: up to half the length (the stem at 64 px: about equal at B=8, 1.2-1.4x the FFTs' time at B=4; at 32 px
-# about equal).
+# images: up to half the length (the stem at 64 px and B=4: 0.94x, at B=8 0.81-0.83x the FFTs' time; at 32 px
+# 0.6-0.9x at both).
 _DFT_MAX_LENGTH = 64
-_DFT_MIN_BATCH = 16
+_DFT_MIN_BATCH = 8
 
 
 def _dft_max_length(batch: int, device: torch.device) -> int:
