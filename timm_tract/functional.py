@@ -753,17 +753,19 @@ class _SpectralGram:
     gathered from the x-spectrum; the border columns gathered (positions first) and transformed along y; one complex
     batched product Σ_b A Bᴴ per term kind; the border points, gathered from the column lines, in one real batched
     product. `gram` turns the accumulated cross-power spectra into correlations at the used lags only (inverse DFTs
-    as small products: x, then y), concatenates the terms, combines the terms of every tap pair with one sparse
-    product and gathers the (c, i, j) order. With `plan.dft` (short lengths on CPU) the transforms are products
-    instead (`_add_dft`), the same terms.
+    as small products: x, then y), concatenates the terms, combines the terms of every tap pair tap ≤ tap' with one
+    sparse product and gathers the (c, i, j) order (the other pairs' blocks transposed). With `plan.dft` (short
+    lengths on CPU) the transforms are products instead (`_add_dft`) and the same terms are computed in real
+    arithmetic (`_dft_terms`).
     """
 
     def __init__(self, plan: _SpectralPlan, dtype: torch.dtype):
         self.plan, self.dtype = plan, dtype
+        # FFT transforms: the accumulated cross-power spectra, complex
         self.main: Optional[torch.Tensor] = None  # (lh·fw, m, m) complex: Σ A Aᴴ of the 2-D spectra
         self.rows: Optional[torch.Tensor] = None  # (R·fw, m, m) complex
         self.cols: Optional[torch.Tensor] = None  # (Q·fh, m, m) complex
-        self.corners: Optional[torch.Tensor] = None  # (K, m, m)
+        self.corners: Optional[torch.Tensor] = None  # (K, m, m); with `plan.dft` a slice of `terms`
         self.blocks: Optional[torch.Tensor] = None  # with `plan.dft`: main, rows, cols as real (·, 2m, 2m) blocks
         self.terms: Optional[torch.Tensor] = None  # with `plan.dft`: (terms, m, m), the corners accumulated in place
 
@@ -844,8 +846,8 @@ class _SpectralGram:
             _product_into(cols, spectra[0], spectra[1], first)
         if pl.num_corners:  # accumulated in their slice of the terms
             points = xt.view(-1, m, b).index_select(0, pl.corner_points).view(2, -1, m, b)  # (2, K, m, b)
-            corners = self.terms.narrow(0, sum(pl.term_sizes[:2]), pl.num_corners)
-            _product_into(corners, points[0], points[1], first)
+            self.corners = self.terms.narrow(0, sum(pl.term_sizes[:2]), pl.num_corners)
+            _product_into(self.corners, points[0], points[1], first)
 
     def _dft_terms(self) -> torch.Tensor:
         """The terms (`selection`'s columns) (terms, m²) from the real blocks [[Σ Ar Brᵀ, Σ Ar Biᵀ], [Σ Ai Brᵀ,
